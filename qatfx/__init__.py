@@ -1,0 +1,50 @@
+"""qatfx: compiler-pass based quantization-aware training for PyTorch.
+
+    m = prepare_pt2e(model, Int8DynActInt4WeightQuantizer(group_size=32), (tokens,))
+    ... train torch.compile(m) ...
+    q = convert_pt2e(m)
+"""
+
+from qatfx import ops  # noqa: F401  registers the qatfx:: torch.library ops
+from qatfx.api import (
+    FakeQuantAfterNSteps,
+    convert_pt2e,
+    disable_fake_quant,
+    enable_fake_quant,
+    fake_quant_enabled,
+    prepare_pt2e,
+    prepare_qat_pt2e,
+)
+from qatfx.capture import CaptureError
+from qatfx.module import QATGraphModule
+from qatfx.quantizer import (
+    Int4WeightOnlyQuantizer,
+    Int8DynActInt4WeightQuantizer,
+    Int8WeightOnlyQuantizer,
+    Quantizer,
+)
+from qatfx.spec import PerChannel, PerGroup, PerTensor, PerToken, QuantSpec
+from qatfx.summary import QuantizationSummary, summary
+
+__all__ = [
+    "CaptureError",
+    "FakeQuantAfterNSteps",
+    "Int4WeightOnlyQuantizer",
+    "Int8DynActInt4WeightQuantizer",
+    "Int8WeightOnlyQuantizer",
+    "PerChannel",
+    "PerGroup",
+    "PerTensor",
+    "PerToken",
+    "QATGraphModule",
+    "QuantSpec",
+    "QuantizationSummary",
+    "Quantizer",
+    "convert_pt2e",
+    "disable_fake_quant",
+    "enable_fake_quant",
+    "fake_quant_enabled",
+    "prepare_pt2e",
+    "prepare_qat_pt2e",
+    "summary",
+]

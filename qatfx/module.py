@@ -1,0 +1,61 @@
+"""QATGraphModule: the GraphModule prepare and convert return.
+
+An exported GraphModule refuses `.train()` / `.eval()`; this one rewrites its dropout and
+batch-norm ops instead (passes/train_eval.py), keeping their p / eps / momentum. It keeps
+the per-layer report and the stage ("prepared" / "converted") through `copy.deepcopy`.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Optional
+
+import torch
+import torch.fx
+
+from qatfx.passes.infra import run_pass
+from qatfx.passes.train_eval import graph_training_mode, set_training_mode
+
+
+class QATGraphModule(torch.fx.GraphModule):
+    # Attributes carried through deepcopy, beside what GraphModule keeps itself.
+    _QATFX_ATTRS = ("qatfx_stage", "qatfx_layers", "qatfx_dump_dir")
+
+    qatfx_stage: str
+    qatfx_layers: list
+    qatfx_dump_dir: Optional[str]
+
+    def train(self, mode: bool = True) -> "QATGraphModule":
+        super().train(mode)
+        if graph_training_mode(self.graph) not in (None, mode):
+            run_pass(self, "train" if mode else "eval", set_training_mode(mode), dump_dir=self.qatfx_dump_dir)
+        return self
+
+    def __deepcopy__(self, memo):
+        res = super().__deepcopy__(memo)
+        for attr in self._QATFX_ATTRS:
+            setattr(res, attr, copy.deepcopy(getattr(self, attr, None), memo))
+        res.training = self.training
+        return res
+
+
+def copy_sharing_tensors(gm: torch.fx.GraphModule) -> QATGraphModule:
+    """A QATGraphModule with its own graph and submodules but the same parameter and buffer
+    tensors as `gm` (no memory copy; `gm` itself is left untouched)."""
+    memo = {id(t): t for t in (*gm.parameters(), *gm.buffers())}
+    copied = copy.deepcopy(gm, memo)
+    if isinstance(copied, QATGraphModule):
+        return copied
+    module = QATGraphModule(copied, copied.graph)
+    for attr in ("_in_spec", "_out_spec"):
+        if hasattr(copied, attr):
+            setattr(module, attr, getattr(copied, attr))
+    module.meta = dict(getattr(copied, "meta", {}))
+    module.qatfx_stage = "captured"
+    module.qatfx_layers = []
+    module.qatfx_dump_dir = None
+    mode = graph_training_mode(module.graph)
+    module.training = True if mode is None else mode
+    for sub in module.modules():
+        sub.training = module.training
+    return module

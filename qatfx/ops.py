@@ -1,0 +1,115 @@
+"""qatfx's torch.library ops: the nodes prepare and convert put into a graph.
+
+- `qatfx::fake_quantize` (prepare) is CompositeImplicitAutograd: readable as one node in
+  a graph dump, but decomposed into plain aten math (reference.fake_quantize) by autograd
+  and by torch.compile, so Inductor fuses it with its neighbours and autograd derives the
+  straight-through gradient.
+- `qatfx::quantize_dynamic`, `qatfx::dequantize`, `qatfx::unpack_int4` (convert) are opaque
+  custom ops with fake (meta) kernels: they survive torch.export save/load and the
+  lowering passes decide what each becomes.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from qatfx import reference
+from qatfx.spec import ROW, TENSOR
+
+_lib = torch.library.Library("qatfx", "DEF")  # noqa: TOR901 - the library owns the namespace
+
+_lib.define(
+    "fake_quantize(Tensor x, *, int qmin, int qmax, int group_size, bool symmetric, "
+    "float? eps, ScalarType? scale_dtype, bool enabled=True) -> Tensor"
+)
+
+
+def _fake_quantize(
+    x: torch.Tensor,
+    *,
+    qmin: int,
+    qmax: int,
+    group_size: int,
+    symmetric: bool,
+    eps: Optional[float],
+    scale_dtype: Optional[torch.dtype],
+    enabled: bool = True,
+) -> torch.Tensor:
+    if not enabled:
+        # alias-free identity: exact, and Inductor drops the copy
+        return x.clone()
+    return reference.fake_quantize(x, qmin, qmax, group_size, symmetric, eps, scale_dtype)
+
+
+_lib.impl("fake_quantize", _fake_quantize, "CompositeImplicitAutograd")
+
+fake_quantize = torch.ops.qatfx.fake_quantize.default
+
+
+def _qparams_shape(x: torch.Tensor, group_size: int) -> tuple:
+    if group_size == TENSOR:
+        return (1,)
+    k = x.shape[-1]
+    g = k if group_size == ROW else group_size
+    return (*x.shape[:-1], k // g)
+
+
+@torch.library.custom_op("qatfx::quantize_dynamic", mutates_args=())
+def quantize_dynamic(
+    x: torch.Tensor,
+    qmin: int,
+    qmax: int,
+    group_size: int,
+    symmetric: bool,
+    eps: Optional[float],
+    scale_dtype: Optional[torch.dtype],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Dynamic quantization of an activation: (q, scale, zero_point). Symmetric specs get a
+    zero point tensor of zeros so the op has one signature."""
+    scale, zero = reference.choose_qparams(x, qmin, qmax, group_size, symmetric, eps, scale_dtype)
+    q = reference.quantize(x, scale, zero, qmin, qmax, group_size)
+    if zero is None:
+        zero = torch.zeros_like(scale)
+    return q, scale, zero
+
+
+@quantize_dynamic.register_fake
+def _(x, qmin, qmax, group_size, symmetric, eps, scale_dtype):
+    shape = _qparams_shape(x, group_size)
+    qdtype = scale_dtype or x.dtype
+    return (
+        torch.empty_like(x, dtype=reference.storage_dtype(qmin)),
+        x.new_empty(shape, dtype=qdtype),
+        x.new_empty(shape, dtype=qdtype),
+    )
+
+
+@torch.library.custom_op("qatfx::dequantize", mutates_args=())
+def dequantize(
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    zero: Optional[torch.Tensor],
+    group_size: int,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """((q - zero) * scale).to(out_dtype) per group along the last dim."""
+    return reference.dequantize(q, scale, zero, group_size, out_dtype)
+
+
+@dequantize.register_fake
+def _(q, scale, zero, group_size, out_dtype):
+    return torch.empty_like(q, dtype=out_dtype)
+
+
+@torch.library.custom_op("qatfx::unpack_int4", mutates_args=())
+def unpack_int4(packed: torch.Tensor, tile: int) -> torch.Tensor:
+    """(N, K // 2) uint8 -> (N, K) int8 in [-8, 7]; see reference.pack_int4 for the layout."""
+    return reference.unpack_int4(packed, tile)
+
+
+@unpack_int4.register_fake
+def _(packed, tile):
+    n, half_k = packed.shape
+    return packed.new_empty((n, 2 * half_k), dtype=torch.int8)

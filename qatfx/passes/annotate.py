@@ -1,0 +1,23 @@
+"""Annotate pass.
+
+Matches:     every linear site (see linear_sites.py).
+Rewrites to: nothing in the graph; writes the quantizer's frozen LinearAnnotation or
+             SkipAnnotation into node.meta["qatfx_annotation"].
+Requires:    a graph from torch.export (node.meta["val"] present).
+Ensures:     every linear site carries exactly one annotation; the graph is unchanged.
+"""
+
+from __future__ import annotations
+
+import torch.fx
+
+from qatfx.passes.infra import PassResult
+from qatfx.quantizer import Quantizer
+
+
+def annotate_pass(quantizer: Quantizer):
+    def annotate(gm: torch.fx.GraphModule) -> PassResult:
+        annotations = quantizer.annotate(gm)
+        return PassResult(gm, modified=bool(annotations))
+
+    return annotate

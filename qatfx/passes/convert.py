@@ -1,0 +1,130 @@
+"""Convert pass: fake-quant -> real quantize / dequantize with quantized weights.
+
+Matches:     every qatfx.fake_quantize node (enabled or not).
+Rewrites to:
+    weight (input is a parameter, or the transpose of one):
+        before: fq_w = qatfx.fake_quantize(w, qmin=-8, qmax=7, group_size=32, ...)
+        after:  q_w  = qatfx.unpack_int4(w_packed, 32)                # int4: packed buffer
+                fq_w = qatfx.dequantize(q_w, w_scales, None, 32, torch.float32)
+        with buffers `<layer>.weight_packed` (uint8, two int4 per byte; int8 for other
+        widths) and `<layer>.weight_scales` (and `weight_zeros` when asymmetric) computed
+        from the parameter's current value.
+    activation:
+        before: fq_x = qatfx.fake_quantize(x, qmin=-128, qmax=127, group_size=-1, ...)
+        after:  q = qatfx.quantize_dynamic(x, -128, 127, -1, False, eps, torch.float32)
+                fq_x = qatfx.dequantize(q[0], q[1], q[2], -1, x.dtype)
+Requires:    insert_fake_quant ran.
+Ensures:     converted output == prepared output bit for bit (both use qatfx.reference);
+             a float parameter no other node reads is deleted (tied ones stay).
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx
+
+from qatfx import reference
+from qatfx.ops import dequantize, quantize_dynamic, unpack_int4
+from qatfx.passes.infra import PassResult
+from qatfx.passes.insert_fake_quant import ROLE_META_KEY, SPEC_META_KEY, fake_quant_nodes
+from qatfx.passes.linear_sites import get_attr_value
+from qatfx.spec import ROW, QuantSpec
+
+aten = torch.ops.aten
+
+
+def _packed_int4(spec: QuantSpec) -> bool:
+    return spec.bits == 4 and spec.signed
+
+
+def _weight_param(node: torch.fx.Node) -> tuple[torch.fx.Node, bool]:
+    """The get_attr feeding a weight fake-quant, and whether a transpose sits between."""
+    source = node.args[0]
+    if source.op == "call_function" and source.target is aten.t.default:
+        return source.args[0], True
+    return source, False
+
+
+def _register_buffer(gm: torch.fx.GraphModule, qualified_name: str, value: torch.Tensor) -> None:
+    owner_path, _, name = qualified_name.rpartition(".")
+    owner = gm.get_submodule(owner_path) if owner_path else gm
+    owner.register_buffer(name, value)
+
+
+def _convert_weight(gm: torch.fx.GraphModule, fq: torch.fx.Node, spec: QuantSpec) -> None:
+    graph = gm.graph
+    param_node, transposed = _weight_param(fq)
+    weight = get_attr_value(gm, param_node.target).detach()
+    if transposed:
+        weight = weight.t()
+    scale, zero = reference.choose_qparams(weight, spec.qmin, spec.qmax, spec.group_size, spec.symmetric, spec.eps, spec.scale_dtype)
+    q = reference.quantize(weight, scale, zero, spec.qmin, spec.qmax, spec.group_size)
+    tile = weight.shape[-1] if spec.group_size == ROW else spec.group_size
+    stored = reference.pack_int4(q, tile) if _packed_int4(spec) else q
+
+    base = param_node.target
+    names = {"packed": f"{base}_packed", "scales": f"{base}_scales", "zeros": f"{base}_zeros"}
+    _register_buffer(gm, names["packed"], stored.contiguous())
+    _register_buffer(gm, names["scales"], scale.contiguous())
+    if zero is not None:
+        _register_buffer(gm, names["zeros"], zero.contiguous())
+
+    with graph.inserting_before(fq):
+        q_node = graph.get_attr(names["packed"])
+        if _packed_int4(spec):
+            q_node = graph.call_function(unpack_int4, (q_node, tile))
+        scale_node = graph.get_attr(names["scales"])
+        zero_node = graph.get_attr(names["zeros"]) if zero is not None else None
+        dq = graph.call_function(dequantize, (q_node, scale_node, zero_node, spec.group_size, weight.dtype))
+    dq.meta.update(val=fq.meta.get("val"), **{ROLE_META_KEY: "weight", SPEC_META_KEY: spec})
+    source = fq.args[0]
+    fq.replace_all_uses_with(dq)
+    graph.erase_node(fq)
+    _drop_unused(gm, source)
+
+
+def _drop_unused(gm: torch.fx.GraphModule, node: torch.fx.Node) -> None:
+    """Erase now-dead transpose/get_attr chains; delete a parameter no node reads."""
+    graph = gm.graph
+    while node is not None and not node.users:
+        source = node.args[0] if node.op == "call_function" else None
+        if node.op == "get_attr":
+            target = node.target
+            graph.erase_node(node)
+            if not any(n.op == "get_attr" and n.target == target for n in graph.nodes):
+                owner_path, _, name = target.rpartition(".")
+                delattr(gm.get_submodule(owner_path) if owner_path else gm, name)
+            return
+        graph.erase_node(node)
+        node = source
+
+
+def _convert_activation(gm: torch.fx.GraphModule, fq: torch.fx.Node, spec: QuantSpec) -> None:
+    graph = gm.graph
+    x = fq.args[0]
+    val = fq.meta.get("val")
+    if val is None:
+        raise RuntimeError(f"qatfx convert: fake-quant node {fq.name} has no meta['val'] (dtype unknown)")
+    with graph.inserting_before(fq):
+        qparams = graph.call_function(
+            quantize_dynamic,
+            (x, spec.qmin, spec.qmax, spec.group_size, spec.symmetric, spec.eps, spec.scale_dtype),
+        )
+        q, scale, zero = (graph.call_function(operator.getitem, (qparams, i)) for i in range(3))
+        dq = graph.call_function(dequantize, (q, scale, zero, spec.group_size, val.dtype))
+    dq.meta.update(val=val, **{ROLE_META_KEY: "input", SPEC_META_KEY: spec})
+    fq.replace_all_uses_with(dq)
+    graph.erase_node(fq)
+
+
+def convert(gm: torch.fx.GraphModule) -> PassResult:
+    nodes = fake_quant_nodes(gm)
+    for fq in nodes:
+        spec = fq.meta[SPEC_META_KEY]
+        if fq.meta[ROLE_META_KEY] == "weight":
+            _convert_weight(gm, fq, spec)
+        else:
+            _convert_activation(gm, fq, spec)
+    return PassResult(gm, modified=bool(nodes))

@@ -1,0 +1,81 @@
+"""Insert fake-quant pass.
+
+Matches:     linear sites annotated with a LinearAnnotation.
+Rewrites to: qatfx.fake_quantize on the activation input and on the weight parameter:
+
+    before:  linear = aten.linear(x, w, b)
+    after:   fq_x = qatfx.fake_quantize(x, qmin=-128, qmax=127, group_size=-1, ...)
+             fq_w = qatfx.fake_quantize(w, qmin=-8, qmax=7, group_size=32, ...)
+             linear = aten.linear(fq_x, fq_w, b)
+
+             A (K, N) weight used directly by matmul/addmm is fake-quantized as its
+             transpose (groups run along K): t(fake_quantize(t(w))).
+Requires:    annotate ran.
+Ensures:     one fake_quantize per (operand, spec): q/k/v projections reading the same x
+             share one activation fake-quant; other users of a weight (a tied embedding)
+             still read the float parameter; node.meta["val"] set on new nodes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx
+
+from qatfx.ops import fake_quantize
+from qatfx.passes.infra import PassResult
+from qatfx.passes.linear_sites import find_linear_sites
+from qatfx.quantizer import ANNOTATION_KEY, LinearAnnotation
+from qatfx.spec import QuantSpec
+
+aten = torch.ops.aten
+SPEC_META_KEY = "qatfx_spec"
+ROLE_META_KEY = "qatfx_role"  # "input" or "weight"
+
+
+def _insert_fake_quant(graph: torch.fx.Graph, source: torch.fx.Node, spec: QuantSpec, role: str) -> torch.fx.Node:
+    with graph.inserting_after(source):
+        fq = graph.call_function(fake_quantize, (source,), spec.op_kwargs())
+    fq.meta["val"] = source.meta.get("val")
+    fq.meta[SPEC_META_KEY] = spec
+    fq.meta[ROLE_META_KEY] = role
+    return fq
+
+
+def _transpose(graph: torch.fx.Graph, source: torch.fx.Node) -> torch.fx.Node:
+    with graph.inserting_after(source):
+        node = graph.call_function(aten.t.default, (source,))
+    val = source.meta.get("val")
+    if val is not None:
+        node.meta["val"] = val.t()
+    return node
+
+
+def insert_fake_quant(gm: torch.fx.GraphModule) -> PassResult:
+    graph = gm.graph
+    made: dict[tuple, torch.fx.Node] = {}
+    modified = False
+    for site in find_linear_sites(gm):
+        annotation = site.node.meta.get(ANNOTATION_KEY)
+        if not isinstance(annotation, LinearAnnotation):
+            continue
+        modified = True
+        if annotation.input_spec is not None:
+            key = (site.input_node, annotation.input_spec)
+            if key not in made:
+                made[key] = _insert_fake_quant(graph, site.input_node, annotation.input_spec, "input")
+            site.node.replace_input_with(site.input_node, made[key])
+
+        key = (site.param_node, annotation.weight_spec, site.param_is_k_by_n)
+        if key not in made:
+            if site.param_is_k_by_n:
+                n_by_k = _transpose(graph, site.param_node)
+                fq = _insert_fake_quant(graph, n_by_k, annotation.weight_spec, "weight")
+                made[key] = _transpose(graph, fq)
+            else:
+                made[key] = _insert_fake_quant(graph, site.param_node, annotation.weight_spec, "weight")
+        site.param_user.replace_input_with(site.param_node, made[key])
+    return PassResult(gm, modified)
+
+
+def fake_quant_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is fake_quantize]

@@ -1,0 +1,170 @@
+"""Quantizers: policy only. A quantizer decides, for each linear site of an exported graph,
+which specs apply (or why the layer is skipped) and writes that as a frozen annotation into
+`node.meta[ANNOTATION_KEY]`. Prepare and convert read annotations generically.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from typing import Iterable, Optional, Union
+
+import torch
+import torch.fx
+
+from qatfx.passes.linear_sites import LinearSite, find_linear_sites, get_attr_value
+from qatfx.spec import (
+    PerChannel,
+    PerGroup,
+    QuantSpec,
+    int4_per_group_weight,
+    int8_per_token_activation,
+)
+
+ANNOTATION_KEY = "qatfx_annotation"
+SUPPORTED_WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@dataclass(frozen=True)
+class LinearAnnotation:
+    """A linear site to quantize (input_spec None: weight-only)."""
+
+    layer: str
+    input_spec: Optional[QuantSpec]
+    weight_spec: QuantSpec
+
+
+@dataclass(frozen=True)
+class SkipAnnotation:
+    """A linear site left in float, with the reason the summary reports."""
+
+    layer: str
+    reason: str
+
+
+Annotation = Union[LinearAnnotation, SkipAnnotation]
+
+
+class Quantizer:
+    """Applies `input_spec` (None: weights only) and `weight_spec` to every linear site.
+
+    skip: layer names (fnmatch patterns, e.g. "lm_head", "*.mlp.down_proj") left in float.
+    skip_types: module class names (e.g. "Conv1D") left in float.
+    """
+
+    def __init__(
+        self,
+        input_spec: Optional[QuantSpec],
+        weight_spec: QuantSpec,
+        *,
+        skip: Iterable[str] = (),
+        skip_types: Iterable[Union[str, type]] = (),
+    ) -> None:
+        if input_spec is not None and not input_spec.dynamic:
+            raise ValueError(
+                "static activation quantization (dynamic=False) needs observers, which qatfx "
+                "does not have; use a dynamic activation spec"
+            )
+        if isinstance(weight_spec.granularity, PerGroup) and weight_spec.granularity.group_size % 2:
+            raise ValueError(f"weight group size must be even, got {weight_spec.granularity.group_size}")
+        self.input_spec = input_spec
+        self.weight_spec = weight_spec
+        self.skip = tuple(skip)
+        self.skip_types = tuple(t if isinstance(t, str) else t.__qualname__ for t in skip_types)
+
+    def __repr__(self) -> str:
+        act = self.input_spec.describe() if self.input_spec else "float"
+        return f"{type(self).__name__}(activations={act}, weights={self.weight_spec.describe()}, skip={self.skip})"
+
+    def annotate(self, gm: torch.fx.GraphModule) -> list[Annotation]:
+        """Write one annotation per linear site into node.meta; return them in graph order."""
+        annotations = []
+        for site in find_linear_sites(gm):
+            annotation = self.annotate_site(gm, site)
+            site.node.meta[ANNOTATION_KEY] = annotation
+            annotations.append(annotation)
+        return annotations
+
+    def annotate_site(self, gm: torch.fx.GraphModule, site: LinearSite) -> Annotation:
+        layer = site.layer_name
+        reason = self.skip_reason(gm, site)
+        if reason is not None:
+            return SkipAnnotation(layer, reason)
+        return LinearAnnotation(layer, self.input_spec, self.weight_spec)
+
+    def skip_reason(self, gm: torch.fx.GraphModule, site: LinearSite) -> Optional[str]:
+        layer = site.layer_name
+        for pattern in self.skip:
+            if fnmatch.fnmatchcase(layer, pattern):
+                return f"excluded by the quantizer's skip pattern {pattern!r}"
+        if site.module_type is not None and site.module_type.split(".")[-1] in self.skip_types:
+            return f"excluded by the quantizer's skip_types ({site.module_type})"
+        if site.param_node is None:
+            return "weight is computed in the graph, not a module parameter"
+        weight = get_attr_value(gm, site.param_name)
+        if weight.dim() != 2:
+            return f"weight has {weight.dim()} dims; only 2-D weights are quantized"
+        if weight.dtype not in SUPPORTED_WEIGHT_DTYPES:
+            return (
+                f"weight dtype {weight.dtype} is not supported (float32, bfloat16, float16); "
+                "cast the model, e.g. model.to(torch.float32)"
+            )
+        k = weight.shape[0] if site.param_is_k_by_n else weight.shape[1]
+        granularity = self.weight_spec.granularity
+        if isinstance(granularity, PerGroup) and k % granularity.group_size:
+            return (
+                f"in_features {k} is not divisible by group size {granularity.group_size}; "
+                "left in float (qatfx skips rather than pads); choose a group size dividing it"
+            )
+        if self.weight_spec.bits == 4 and isinstance(granularity, PerChannel) and k % 2:
+            return f"in_features {k} is odd; packed int4 per-channel weights need an even K"
+        return None
+
+
+class Int8DynActInt4WeightQuantizer(Quantizer):
+    """8da4w: int8 dynamic per-token asymmetric activations, int4 symmetric per-group
+    weights; numerically identical to torchao's Int8DynActInt4WeightQATQuantizer.
+
+    group_size: weight group size along the input dim (torchao's default 256).
+    scales_precision: dtype of the weight scales (float32, or bfloat16 to save bytes).
+    legacy_eps: see `qatfx.spec.int8_per_token_activation`.
+    """
+
+    def __init__(
+        self,
+        group_size: int = 256,
+        *,
+        scales_precision: torch.dtype = torch.float32,
+        legacy_eps: bool = True,
+        skip: Iterable[str] = (),
+        skip_types: Iterable[Union[str, type]] = (),
+    ) -> None:
+        super().__init__(
+            int8_per_token_activation(legacy_eps=legacy_eps),
+            int4_per_group_weight(group_size, scales_precision),
+            skip=skip,
+            skip_types=skip_types,
+        )
+        self.group_size = group_size
+
+
+class Int8WeightOnlyQuantizer(Quantizer):
+    """int8 symmetric per-channel weights, float activations."""
+
+    def __init__(self, *, skip: Iterable[str] = (), skip_types: Iterable[Union[str, type]] = ()) -> None:
+        super().__init__(None, QuantSpec(8, PerChannel(), symmetric=True), skip=skip, skip_types=skip_types)
+
+
+class Int4WeightOnlyQuantizer(Quantizer):
+    """int4 symmetric per-group weights, float activations."""
+
+    def __init__(
+        self,
+        group_size: int = 128,
+        *,
+        scales_precision: torch.dtype = torch.float32,
+        skip: Iterable[str] = (),
+        skip_types: Iterable[Union[str, type]] = (),
+    ) -> None:
+        super().__init__(None, int4_per_group_weight(group_size, scales_precision), skip=skip, skip_types=skip_types)
+        self.group_size = group_size

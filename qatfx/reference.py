@@ -1,0 +1,182 @@
+"""Pure-torch quantization numerics: the single source of truth.
+
+Every formula follows `docs/numerics.md` (the contract with torchao 0.18) operation for
+operation, in the same dtypes, so results are bit-identical to torchao's
+`Int8DynActInt4WeightQATQuantizer` / `Int8DynActInt4WeightQuantizer`. The torch.library
+ops in `qatfx.ops` are thin wrappers over these functions; fake-quant and the converted
+quantize/dequantize share them, which is why prepared == converted exactly.
+
+Tensors are viewed as blocks along the last dim: (..., K // G, G) for a group size G,
+(..., 1, K) per row, (1, numel) per tensor. Scales and zero points have the block shape
+without the trailing G: (..., K // G), (..., 1) or (1,).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from qatfx.spec import ROW, TENSOR
+
+
+def _blocks(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    """View `x` as (..., n_groups, group) blocks."""
+    if group_size == TENSOR:
+        return x.reshape(1, 1, -1)
+    k = x.shape[-1]
+    g = k if group_size == ROW else group_size
+    if k % g != 0:
+        raise ValueError(f"last dim {k} is not divisible by group size {g}")
+    return x.reshape(*x.shape[:-1], k // g, g)
+
+
+def _qparams_shape(x: torch.Tensor, group_size: int) -> tuple[int, ...]:
+    if group_size == TENSOR:
+        return (1,)
+    k = x.shape[-1]
+    g = k if group_size == ROW else group_size
+    return (*x.shape[:-1], k // g)
+
+
+def _resolve_eps(eps: Optional[float], dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).smallest_normal if eps is None else eps
+
+
+@torch.no_grad()
+def choose_qparams(
+    x: torch.Tensor,
+    qmin: int,
+    qmax: int,
+    group_size: int,
+    symmetric: bool,
+    eps: Optional[float],
+    scale_dtype: Optional[torch.dtype],
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Scales (and zero points, None when symmetric) for `x`, computed in x.dtype then cast.
+
+    Mirrors torchao `_choose_qparams_affine` (SYMMETRIC / ASYMMETRIC) step by step.
+    """
+    blocks = _blocks(x, group_size)
+    eps = _resolve_eps(eps, x.dtype)
+    min_val = torch.amin(blocks, dim=-1)
+    max_val = torch.amax(blocks, dim=-1)
+    min_neg = torch.min(min_val, torch.zeros_like(min_val))
+    max_pos = torch.max(max_val, torch.zeros_like(max_val))
+    if symmetric:
+        # (qmax - qmin) / 2 = 7.5 for int4: the negative extreme lands on -8 and the
+        # positive extreme rounds to 8 and is clipped to 7 (torchao's rule, not /7 or /8).
+        absmax = torch.max(-min_neg, max_pos)
+        scale = torch.clamp(absmax / (float(qmax - qmin) / 2), min=eps)
+        zero = None
+    else:
+        scale = torch.clamp((max_pos - min_neg) / float(qmax - qmin), min=eps)
+        zero = torch.clamp(qmin - torch.round(min_neg / scale), qmin, qmax)
+    out_dtype = x.dtype if scale_dtype is None else scale_dtype
+    shape = _qparams_shape(x, group_size)
+    scale = scale.to(out_dtype).reshape(shape)
+    if zero is not None:
+        zero = zero.to(out_dtype).reshape(shape)
+    return scale, zero
+
+
+def _round_ste(t: torch.Tensor) -> torch.Tensor:
+    """torch.round with an identity backward. The forward value is exactly round(t): for
+    |t| < 2^23, round(t) - t is exact, so t + (round(t) - t) == round(t)."""
+    return t + (torch.round(t) - t).detach()
+
+
+def _quantize_blocks(
+    blocks: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor], qmin: int, qmax: int
+) -> torch.Tensor:
+    """clamp(round(x * (1 / s)) + z, qmin, qmax): multiply by the reciprocal, round before
+    adding z (torchao `_quantize_affine_no_dtype_cast`). Differentiable: straight-through
+    round, and clamp's own backward gives the [qmin, qmax] mask."""
+    t = _round_ste(blocks * (1.0 / scale.unsqueeze(-1)))
+    if zero is not None:
+        t = t + zero.unsqueeze(-1)
+    return torch.clamp(t, qmin, qmax)
+
+
+def _dequantize_blocks(
+    q: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor], out_dtype: torch.dtype
+) -> torch.Tensor:
+    """((q - z) * s).to(out_dtype), with q and z first cast to out_dtype (torchao
+    `_dequantize_affine_no_dtype_check`; exact for integers up to 256 in bf16)."""
+    dq = q.to(out_dtype)
+    if zero is not None:
+        dq = dq - zero.unsqueeze(-1).to(out_dtype)
+    return (dq * scale.unsqueeze(-1)).to(out_dtype)
+
+
+def fake_quantize(
+    x: torch.Tensor,
+    qmin: int,
+    qmax: int,
+    group_size: int,
+    symmetric: bool,
+    eps: Optional[float],
+    scale_dtype: Optional[torch.dtype],
+) -> torch.Tensor:
+    """Quantize then dequantize `x` with qparams from `x` (dynamic), differentiable with the
+    straight-through estimator and the clamp mask; no gradient reaches scale or zero."""
+    scale, zero = choose_qparams(x.detach(), qmin, qmax, group_size, symmetric, eps, scale_dtype)
+    q = _quantize_blocks(_blocks(x, group_size), scale, zero, qmin, qmax)
+    return _dequantize_blocks(q, scale, zero, x.dtype).reshape(x.shape)
+
+
+def storage_dtype(qmin: int) -> torch.dtype:
+    return torch.int8 if qmin < 0 else torch.uint8
+
+
+@torch.no_grad()
+def quantize(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero: Optional[torch.Tensor],
+    qmin: int,
+    qmax: int,
+    group_size: int,
+) -> torch.Tensor:
+    """Integer values of `x` for given qparams, stored as int8 (signed) or uint8."""
+    q = _quantize_blocks(_blocks(x, group_size), scale, zero, qmin, qmax)
+    return q.to(storage_dtype(qmin)).reshape(x.shape)
+
+
+def dequantize(
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    zero: Optional[torch.Tensor],
+    group_size: int,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    return _dequantize_blocks(_blocks(q, group_size), scale, zero, out_dtype).reshape(q.shape)
+
+
+# ---- int4 packing -------------------------------------------------------------------------
+#
+# Two int4 values per byte. Within each tile of `tile` consecutive elements along K, the low
+# nibbles hold the first half of the tile and the high nibbles the second half, so a kernel
+# reading one tile does two dots on contiguous halves with no interleave. Nibbles are two's
+# complement.
+
+
+def pack_int4(q: torch.Tensor, tile: int) -> torch.Tensor:
+    """(N, K) int8 in [-8, 7] -> (N, K // 2) uint8."""
+    n, k = q.shape
+    if tile % 2 or k % tile:
+        raise ValueError(f"pack_int4 needs an even tile dividing K; got K={k}, tile={tile}")
+    if q.numel() and (int(q.min()) < -8 or int(q.max()) > 7):
+        raise ValueError("pack_int4 got values outside [-8, 7]")
+    halves = q.reshape(n, k // tile, 2, tile // 2).to(torch.int16) & 0xF
+    packed = halves[:, :, 0] | (halves[:, :, 1] << 4)
+    return packed.to(torch.uint8).reshape(n, k // 2)
+
+
+def unpack_int4(packed: torch.Tensor, tile: int) -> torch.Tensor:
+    """(N, K // 2) uint8 -> (N, K) int8; exact inverse of `pack_int4`."""
+    n, half_k = packed.shape
+    p = packed.to(torch.int16).reshape(n, (2 * half_k) // tile, 1, tile // 2)
+    nibbles = torch.cat([p & 0xF, (p >> 4) & 0xF], dim=2)
+    # Sign-extend a 4-bit two's complement value: (v ^ 8) - 8.
+    return ((nibbles ^ 8) - 8).to(torch.int8).reshape(n, 2 * half_k)

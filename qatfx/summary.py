@@ -1,0 +1,93 @@
+"""Model-level summary: which linears are quantized, which were skipped and why, and the
+weight bytes before and after conversion."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from qatfx.spec import PerGroup, QuantSpec
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    layer: str
+    op: str
+    shape: tuple  # (out_features N, in_features K)
+    weight_dtype: torch.dtype
+    input_spec: Optional[QuantSpec]
+    weight_spec: Optional[QuantSpec]
+    skip_reason: Optional[str]
+
+    @property
+    def quantized(self) -> bool:
+        return self.skip_reason is None
+
+    @property
+    def float_bytes(self) -> int:
+        n, k = self.shape
+        return n * k * self.weight_dtype.itemsize
+
+    @property
+    def quantized_bytes(self) -> int:
+        """Bytes of the converted weight: packed integers + scales (+ zero points)."""
+        if not self.quantized:
+            return self.float_bytes
+        spec = self.weight_spec
+        n, k = self.shape
+        value_bytes = n * k // 2 if spec.bits == 4 else n * k
+        groups = n * (k // spec.granularity.group_size if isinstance(spec.granularity, PerGroup) else 1)
+        scale_bytes = groups * (spec.scale_dtype or self.weight_dtype).itemsize
+        return value_bytes + scale_bytes * (1 if spec.symmetric else 2)
+
+
+@dataclass(frozen=True)
+class QuantizationSummary:
+    layers: tuple
+
+    @property
+    def quantized(self) -> list:
+        return [r for r in self.layers if r.quantized]
+
+    @property
+    def skipped(self) -> list:
+        return [r for r in self.layers if not r.quantized]
+
+    @property
+    def float_bytes(self) -> int:
+        return sum(r.float_bytes for r in self.layers)
+
+    @property
+    def quantized_bytes(self) -> int:
+        return sum(r.quantized_bytes for r in self.layers)
+
+    def __str__(self) -> str:
+        rows = [("layer", "op", "N x K", "activations", "weights", "bytes float", "bytes quantized", "note")]
+        for r in self.layers:
+            rows.append((
+                r.layer, r.op, f"{r.shape[0]}x{r.shape[1]}",
+                r.input_spec.describe() if r.quantized and r.input_spec else "float",
+                r.weight_spec.describe() if r.quantized else "float",
+                str(r.float_bytes), str(r.quantized_bytes), r.skip_reason or "",
+            ))
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+        ratio = self.float_bytes / max(self.quantized_bytes, 1)
+        lines.append(
+            f"{len(self.quantized)} quantized, {len(self.skipped)} skipped; linear weight bytes "
+            f"{self.float_bytes} -> {self.quantized_bytes} ({ratio:.2f}x smaller)"
+        )
+        return "\n".join(lines)
+
+
+def summary(module) -> QuantizationSummary:
+    """The summary of a module returned by prepare_pt2e or convert_pt2e."""
+    layers = getattr(module, "qatfx_layers", None)
+    if layers is None:
+        raise TypeError(
+            f"{type(module).__name__} was not produced by qatfx.prepare_pt2e / convert_pt2e; "
+            "call prepare_pt2e(model, quantizer, example_inputs) first"
+        )
+    return QuantizationSummary(tuple(layers))
