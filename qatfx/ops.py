@@ -57,7 +57,7 @@ def _qparams_shape(x: torch.Tensor, group_size: int) -> tuple:
 
 
 @torch.library.custom_op("qatfx::quantize_dynamic", mutates_args=())
-def quantize_dynamic(
+def _quantize_dynamic(
     x: torch.Tensor,
     qmin: int,
     qmax: int,
@@ -75,7 +75,7 @@ def quantize_dynamic(
     return q, scale, zero
 
 
-@quantize_dynamic.register_fake
+@_quantize_dynamic.register_fake
 def _(x, qmin, qmax, group_size, symmetric, eps, scale_dtype):
     shape = _qparams_shape(x, group_size)
     qdtype = scale_dtype or x.dtype
@@ -87,7 +87,7 @@ def _(x, qmin, qmax, group_size, symmetric, eps, scale_dtype):
 
 
 @torch.library.custom_op("qatfx::dequantize", mutates_args=())
-def dequantize(
+def _dequantize(
     q: torch.Tensor,
     scale: torch.Tensor,
     zero: Optional[torch.Tensor],
@@ -98,18 +98,24 @@ def dequantize(
     return reference.dequantize(q, scale, zero, group_size, out_dtype)
 
 
-@dequantize.register_fake
+@_dequantize.register_fake
 def _(q, scale, zero, group_size, out_dtype):
     return torch.empty_like(q, dtype=out_dtype)
 
 
 @torch.library.custom_op("qatfx::unpack_int4", mutates_args=())
-def unpack_int4(packed: torch.Tensor, tile: int) -> torch.Tensor:
+def _unpack_int4(packed: torch.Tensor, tile: int) -> torch.Tensor:
     """(N, K // 2) uint8 -> (N, K) int8 in [-8, 7]; see reference.pack_int4 for the layout."""
     return reference.unpack_int4(packed, tile)
 
 
-@unpack_int4.register_fake
+@_unpack_int4.register_fake
 def _(packed, tile):
     n, half_k = packed.shape
     return packed.new_empty((n, 2 * half_k), dtype=torch.int8)
+
+
+# The OpOverloads graphs hold (what convert inserts and the lowering matches).
+quantize_dynamic = torch.ops.qatfx.quantize_dynamic.default
+dequantize = torch.ops.qatfx.dequantize.default
+unpack_int4 = torch.ops.qatfx.unpack_int4.default

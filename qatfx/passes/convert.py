@@ -53,6 +53,10 @@ def _register_buffer(gm: torch.fx.GraphModule, qualified_name: str, value: torch
     owner.register_buffer(name, value)
 
 
+def _call(graph: torch.fx.Graph, target, args: tuple, name: str) -> torch.fx.Node:
+    return graph.create_node("call_function", target, args, name=name)
+
+
 def _convert_weight(gm: torch.fx.GraphModule, fq: torch.fx.Node, spec: QuantSpec) -> None:
     graph = gm.graph
     param_node, transposed = _weight_param(fq)
@@ -74,10 +78,10 @@ def _convert_weight(gm: torch.fx.GraphModule, fq: torch.fx.Node, spec: QuantSpec
     with graph.inserting_before(fq):
         q_node = graph.get_attr(names["packed"])
         if _packed_int4(spec):
-            q_node = graph.call_function(unpack_int4, (q_node, tile))
+            q_node = _call(graph, unpack_int4, (q_node, tile), f"unpack_{param_node.name}")
         scale_node = graph.get_attr(names["scales"])
         zero_node = graph.get_attr(names["zeros"]) if zero is not None else None
-        dq = graph.call_function(dequantize, (q_node, scale_node, zero_node, spec.group_size, weight.dtype))
+        dq = _call(graph, dequantize, (q_node, scale_node, zero_node, spec.group_size, weight.dtype), f"dq_{param_node.name}")
     dq.meta.update(val=fq.meta.get("val"), **{ROLE_META_KEY: "weight", SPEC_META_KEY: spec})
     source = fq.args[0]
     fq.replace_all_uses_with(dq)
@@ -108,12 +112,17 @@ def _convert_activation(gm: torch.fx.GraphModule, fq: torch.fx.Node, spec: Quant
     if val is None:
         raise RuntimeError(f"qatfx convert: fake-quant node {fq.name} has no meta['val'] (dtype unknown)")
     with graph.inserting_before(fq):
-        qparams = graph.call_function(
+        qparams = _call(
+            graph,
             quantize_dynamic,
             (x, spec.qmin, spec.qmax, spec.group_size, spec.symmetric, spec.eps, spec.scale_dtype),
+            f"quant_{x.name}",
         )
-        q, scale, zero = (graph.call_function(operator.getitem, (qparams, i)) for i in range(3))
-        dq = graph.call_function(dequantize, (q, scale, zero, spec.group_size, val.dtype))
+        q, scale, zero = (
+            _call(graph, operator.getitem, (qparams, i), f"{part}_{x.name}")
+            for i, part in enumerate(("q", "scale", "zero"))
+        )
+        dq = _call(graph, dequantize, (q, scale, zero, spec.group_size, val.dtype), f"dq_{x.name}")
     dq.meta.update(val=val, **{ROLE_META_KEY: "input", SPEC_META_KEY: spec})
     fq.replace_all_uses_with(dq)
     graph.erase_node(fq)

@@ -34,7 +34,7 @@ ROLE_META_KEY = "qatfx_role"  # "input" or "weight"
 
 def _insert_fake_quant(graph: torch.fx.Graph, source: torch.fx.Node, spec: QuantSpec, role: str) -> torch.fx.Node:
     with graph.inserting_after(source):
-        fq = graph.call_function(fake_quantize, (source,), spec.op_kwargs())
+        fq = graph.create_node("call_function", fake_quantize, (source,), spec.op_kwargs(), name=f"fq_{source.name}")
     fq.meta["val"] = source.meta.get("val")
     fq.meta[SPEC_META_KEY] = spec
     fq.meta[ROLE_META_KEY] = role
