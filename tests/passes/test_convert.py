@@ -1,0 +1,69 @@
+import expecttest
+import torch
+
+import qatfx
+from qatfx.ops import dequantize, quantize_dynamic, unpack_int4
+from tests.passes.graph_text import qatfx_graph_text
+from tests.passes.test_insert_fake_quant import prepared_block
+
+
+class TestConvert(expecttest.TestCase):
+    def test_golden_converted_block(self):
+        self.assertExpectedInline(qatfx_graph_text(qatfx.convert_pt2e(prepared_block())), """\
+unpack_q_proj_weight = qatfx::unpack_int4(q_proj_weight_packed, 32)
+dq_q_proj_weight = qatfx::dequantize(unpack_q_proj_weight, q_proj_weight_scales, None, 32, float32)
+unpack_k_proj_weight = qatfx::unpack_int4(k_proj_weight_packed, 32)
+dq_k_proj_weight = qatfx::dequantize(unpack_k_proj_weight, k_proj_weight_scales, None, 32, float32)
+unpack_v_proj_weight = qatfx::unpack_int4(v_proj_weight_packed, 32)
+dq_v_proj_weight = qatfx::dequantize(unpack_v_proj_weight, v_proj_weight_scales, None, 32, float32)
+unpack_o_proj_weight = qatfx::unpack_int4(o_proj_weight_packed, 32)
+dq_o_proj_weight = qatfx::dequantize(unpack_o_proj_weight, o_proj_weight_scales, None, 32, float32)
+unpack_gate_proj_weight = qatfx::unpack_int4(gate_proj_weight_packed, 32)
+dq_gate_proj_weight = qatfx::dequantize(unpack_gate_proj_weight, gate_proj_weight_scales, None, 32, float32)
+unpack_up_proj_weight = qatfx::unpack_int4(up_proj_weight_packed, 32)
+dq_up_proj_weight = qatfx::dequantize(unpack_up_proj_weight, up_proj_weight_scales, None, 32, float32)
+unpack_down_proj_weight = qatfx::unpack_int4(down_proj_weight_packed, 32)
+dq_down_proj_weight = qatfx::dequantize(unpack_down_proj_weight, down_proj_weight_scales, None, 32, float32)
+quant_mul_1 = qatfx::quantize_dynamic(mul_1, -128, 127, -1, False, 1.19209e-07, float32)
+q_mul_1 = getitem(quant_mul_1, 0)
+scale_mul_1 = getitem(quant_mul_1, 1)
+zero_mul_1 = getitem(quant_mul_1, 2)
+dq_mul_1 = qatfx::dequantize(q_mul_1, scale_mul_1, zero_mul_1, -1, float32)
+linear = linear(dq_mul_1, dq_q_proj_weight)
+linear_1 = linear(dq_mul_1, dq_k_proj_weight)
+linear_2 = linear(dq_mul_1, dq_v_proj_weight)
+quant_reshape = qatfx::quantize_dynamic(reshape, -128, 127, -1, False, 1.19209e-07, float32)
+q_reshape = getitem(quant_reshape, 0)
+scale_reshape = getitem(quant_reshape, 1)
+zero_reshape = getitem(quant_reshape, 2)
+dq_reshape = qatfx::dequantize(q_reshape, scale_reshape, zero_reshape, -1, float32)
+linear_3 = linear(dq_reshape, dq_o_proj_weight, o_proj_bias)
+quant_mul_3 = qatfx::quantize_dynamic(mul_3, -128, 127, -1, False, 1.19209e-07, float32)
+q_mul_3 = getitem(quant_mul_3, 0)
+scale_mul_3 = getitem(quant_mul_3, 1)
+zero_mul_3 = getitem(quant_mul_3, 2)
+dq_mul_3 = qatfx::dequantize(q_mul_3, scale_mul_3, zero_mul_3, -1, float32)
+linear_4 = linear(dq_mul_3, dq_gate_proj_weight)
+linear_5 = linear(dq_mul_3, dq_up_proj_weight)
+quant_mul_4 = qatfx::quantize_dynamic(mul_4, -128, 127, -1, False, 1.19209e-07, float32)
+q_mul_4 = getitem(quant_mul_4, 0)
+scale_mul_4 = getitem(quant_mul_4, 1)
+zero_mul_4 = getitem(quant_mul_4, 2)
+dq_mul_4 = qatfx::dequantize(q_mul_4, scale_mul_4, zero_mul_4, -1, float32)
+linear_6 = linear(dq_mul_4, dq_down_proj_weight)""")
+
+    def test_node_counts_and_buffers(self):
+        converted = qatfx.convert_pt2e(prepared_block())
+        count = lambda op: sum(n.target is op for n in converted.graph.nodes)  # noqa: E731
+        self.assertEqual((count(unpack_int4), count(quantize_dynamic), count(dequantize)), (7, 4, 11))
+        q = converted.get_submodule("q_proj")
+        self.assertFalse(hasattr(q, "weight"))  # the float weight is gone
+        self.assertEqual((q.weight_packed.dtype, tuple(q.weight_packed.shape)), (torch.uint8, (64, 32)))
+        self.assertEqual((q.weight_scales.dtype, tuple(q.weight_scales.shape)), (torch.float32, (64, 2)))
+
+    def test_prepared_is_left_unchanged(self):
+        prepared = prepared_block()
+        before = prepared.code
+        qatfx.convert_pt2e(prepared)
+        self.assertEqual(prepared.code, before)
+        self.assertEqual(prepared.qatfx_stage, "prepared")
