@@ -30,7 +30,15 @@ def _hf_llama():
 
 
 def _torchtune_llama():
-    pytest.importorskip("torchtune")
+    # torchtune 0.6.1 imports torchao.dtypes.nf4tensor, which torchao 0.18 (our parity
+    # reference) moved; point the old name at the new module (test-only).
+    import importlib
+    import sys
+
+    sys.modules.setdefault(
+        "torchao.dtypes.nf4tensor",
+        importlib.import_module("torchao.quantization.quantize_.workflows.nf4.nf4_tensor"),
+    )
     from torchtune.models.llama3_2 import llama3_2
 
     torch.manual_seed(0)
