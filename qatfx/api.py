@@ -16,38 +16,12 @@ from qatfx.passes.convert import convert
 from qatfx.passes.fake_quant_toggle import set_fake_quant_enabled
 from qatfx.passes.infra import run_pass
 from qatfx.passes.insert_fake_quant import fake_quant_nodes, insert_fake_quant
-from qatfx.passes.linear_sites import find_linear_sites, get_attr_value
-from qatfx.quantizer import ANNOTATION_KEY, LinearAnnotation, Quantizer
-from qatfx.summary import LayerReport
+from qatfx.quantizer import Quantizer
+from qatfx.summary import layer_reports
 
 log = logging.getLogger("qatfx")
 
 PathLike = Union[str, os.PathLike, None]
-
-
-def _layer_reports(gm: torch.fx.GraphModule) -> list[LayerReport]:
-    reports = []
-    for site in find_linear_sites(gm):
-        annotation = site.node.meta.get(ANNOTATION_KEY)
-        if annotation is None:
-            continue
-        weight = get_attr_value(gm, site.param_name) if site.param_node is not None else None
-        shape = tuple(weight.shape) if weight is not None else tuple(site.weight_operand.meta["val"].shape)
-        if site.param_is_k_by_n:
-            shape = shape[::-1]
-        quantized = isinstance(annotation, LinearAnnotation)
-        reports.append(
-            LayerReport(
-                layer=annotation.layer,
-                op=str(site.node.target).replace("aten.", "").removesuffix(".default"),
-                shape=shape,
-                weight_dtype=weight.dtype if weight is not None else site.weight_operand.meta["val"].dtype,
-                input_spec=annotation.input_spec if quantized else None,
-                weight_spec=annotation.weight_spec if quantized else None,
-                skip_reason=None if quantized else annotation.reason,
-            )
-        )
-    return reports
 
 
 def prepare_pt2e(
@@ -81,7 +55,7 @@ def prepare_pt2e(
         gm.train(model.training)
 
     run_pass(gm, "annotate", annotate_pass(quantizer), dump_dir=dump_dir)
-    gm.qatfx_layers = _layer_reports(gm)
+    gm.qatfx_layers = layer_reports(gm)
     if not any(r.quantized for r in gm.qatfx_layers):
         reasons = "; ".join(f"{r.layer}: {r.skip_reason}" for r in gm.qatfx_layers)
         raise ValueError(

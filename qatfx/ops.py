@@ -16,7 +16,6 @@ from typing import Optional
 import torch
 
 from qatfx import reference
-from qatfx.spec import ROW, TENSOR
 
 _lib = torch.library.Library("qatfx", "DEF")  # noqa: TOR901 - the library owns the namespace
 
@@ -48,14 +47,6 @@ _lib.impl("fake_quantize", _fake_quantize, "CompositeImplicitAutograd")
 fake_quantize = torch.ops.qatfx.fake_quantize.default
 
 
-def _qparams_shape(x: torch.Tensor, group_size: int) -> tuple:
-    if group_size == TENSOR:
-        return (1,)
-    k = x.shape[-1]
-    g = k if group_size == ROW else group_size
-    return (*x.shape[:-1], k // g)
-
-
 @torch.library.custom_op("qatfx::quantize_dynamic", mutates_args=())
 def _quantize_dynamic(
     x: torch.Tensor,
@@ -77,7 +68,7 @@ def _quantize_dynamic(
 
 @_quantize_dynamic.register_fake
 def _(x, qmin, qmax, group_size, symmetric, eps, scale_dtype):
-    shape = _qparams_shape(x, group_size)
+    shape = reference.qparams_shape(x, group_size)
     qdtype = scale_dtype or x.dtype
     return (
         torch.empty_like(x, dtype=reference.storage_dtype(qmin)),

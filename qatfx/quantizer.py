@@ -70,7 +70,8 @@ class Quantizer:
         self.input_spec = input_spec
         self.weight_spec = weight_spec
         self.skip = tuple(skip)
-        self.skip_types = tuple(t if isinstance(t, str) else t.__qualname__ for t in skip_types)
+        # compared by class name: nn_module_stack records a dotted path, not the class
+        self.skip_types = tuple((t if isinstance(t, str) else t.__qualname__).split(".")[-1] for t in skip_types)
 
     def __repr__(self) -> str:
         act = self.input_spec.describe() if self.input_spec else "float"

@@ -31,7 +31,7 @@ def _blocks(x: torch.Tensor, group_size: int) -> torch.Tensor:
     return x.reshape(*x.shape[:-1], k // g, g)
 
 
-def _qparams_shape(x: torch.Tensor, group_size: int) -> tuple[int, ...]:
+def qparams_shape(x: torch.Tensor, group_size: int) -> tuple[int, ...]:
     if group_size == TENSOR:
         return (1,)
     k = x.shape[-1]
@@ -73,7 +73,7 @@ def choose_qparams(
         scale = torch.clamp((max_pos - min_neg) / float(qmax - qmin), min=eps)
         zero = torch.clamp(qmin - torch.round(min_neg / scale), qmin, qmax)
     out_dtype = x.dtype if scale_dtype is None else scale_dtype
-    shape = _qparams_shape(x, group_size)
+    shape = qparams_shape(x, group_size)
     scale = scale.to(out_dtype).reshape(shape)
     if zero is not None:
         zero = zero.to(out_dtype).reshape(shape)

@@ -7,7 +7,10 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.fx
 
+from qatfx.passes.linear_sites import find_linear_sites, get_attr_value
+from qatfx.quantizer import ANNOTATION_KEY, LinearAnnotation
 from qatfx.spec import PerGroup, QuantSpec
 
 
@@ -80,6 +83,32 @@ class QuantizationSummary:
             f"{self.float_bytes} -> {self.quantized_bytes} ({ratio:.2f}x smaller)"
         )
         return "\n".join(lines)
+
+
+def layer_reports(gm: torch.fx.GraphModule) -> list[LayerReport]:
+    """One report per annotated linear site of `gm`, in graph order."""
+    reports = []
+    for site in find_linear_sites(gm):
+        annotation = site.node.meta.get(ANNOTATION_KEY)
+        if annotation is None:
+            continue
+        weight = get_attr_value(gm, site.param_name) if site.param_node is not None else None
+        shape = tuple(weight.shape) if weight is not None else tuple(site.weight_operand.meta["val"].shape)
+        if site.param_is_k_by_n:
+            shape = shape[::-1]
+        quantized = isinstance(annotation, LinearAnnotation)
+        reports.append(
+            LayerReport(
+                layer=annotation.layer,
+                op=str(site.node.target).replace("aten.", "").removesuffix(".default"),
+                shape=shape,
+                weight_dtype=weight.dtype if weight is not None else site.weight_operand.meta["val"].dtype,
+                input_spec=annotation.input_spec if quantized else None,
+                weight_spec=annotation.weight_spec if quantized else None,
+                skip_reason=None if quantized else annotation.reason,
+            )
+        )
+    return reports
 
 
 def summary(module) -> QuantizationSummary:

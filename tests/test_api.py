@@ -235,3 +235,13 @@ def test_weight_only_schemes(quantizer, buffer, dtype):
     assert not any(n.target is qatfx.ops.quantize_dynamic for n in converted.graph.nodes)
     t = tokens(seed=6)
     assert torch.equal(prepared.eval()(t), converted.eval()(t))
+
+
+def test_skip_types_by_class():
+    class LoRALikeLinear(nn.Linear):
+        pass
+
+    model = nn.Sequential(LoRALikeLinear(64, 32), nn.ReLU(), nn.Linear(32, 8))
+    prepared = qatfx.prepare_pt2e(model, Q(32, skip_types=[LoRALikeLinear]), (torch.randn(2, 64),))
+    (skipped,) = qatfx.summary(prepared).skipped
+    assert skipped.layer == "0" and "skip_types" in skipped.skip_reason
