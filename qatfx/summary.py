@@ -92,17 +92,15 @@ def layer_reports(gm: torch.fx.GraphModule) -> list[LayerReport]:
         annotation = site.node.meta.get(ANNOTATION_KEY)
         if annotation is None:
             continue
-        weight = get_attr_value(gm, site.param_name) if site.param_node is not None else None
-        shape = tuple(weight.shape) if weight is not None else tuple(site.weight_operand.meta["val"].shape)
-        if site.param_is_k_by_n:
-            shape = shape[::-1]
+        weight = get_attr_value(gm, site.param_name) if site.param_node is not None else site.weight_operand.meta["val"]
+        shape = tuple(weight.shape)[::-1] if site.param_is_k_by_n else tuple(weight.shape)
         quantized = isinstance(annotation, LinearAnnotation)
         reports.append(
             LayerReport(
                 layer=annotation.layer,
                 op=str(site.node.target).replace("aten.", "").removesuffix(".default"),
                 shape=shape,
-                weight_dtype=weight.dtype if weight is not None else site.weight_operand.meta["val"].dtype,
+                weight_dtype=weight.dtype,
                 input_spec=annotation.input_spec if quantized else None,
                 weight_spec=annotation.weight_spec if quantized else None,
                 skip_reason=None if quantized else annotation.reason,

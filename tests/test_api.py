@@ -245,3 +245,18 @@ def test_skip_types_by_class():
     prepared = qatfx.prepare_pt2e(model, Q(32, skip_types=[LoRALikeLinear]), (torch.randn(2, 64),))
     (skipped,) = qatfx.summary(prepared).skipped
     assert skipped.layer == "0" and "skip_types" in skipped.skip_reason
+
+
+def test_linear_with_computed_weight_is_skipped_with_reason():
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(16, 64))
+            self.fc = nn.Linear(64, 64)
+
+        def forward(self, x):
+            return torch.nn.functional.linear(self.fc(x), self.w * 2.0)
+
+    prepared = qatfx.prepare_pt2e(Scaled(), Q(32), (torch.randn(2, 64),))
+    (skipped,) = qatfx.summary(prepared).skipped
+    assert skipped.shape == (16, 64) and "computed in the graph" in skipped.skip_reason
