@@ -24,7 +24,16 @@ def automatic_dynamic_shapes(args: tuple, kwargs: dict):
     unless the model pins them (hidden sizes get specialized without error)."""
 
     def spec(value):
-        return {d: Dim.AUTO for d in range(value.dim())} if isinstance(value, torch.Tensor) else None
+        if not isinstance(value, torch.Tensor):
+            return None
+        if 1 in value.shape:
+            log.warning(
+                "qatfx: an example input of shape %s has a dim of size 1; torch.export fixes "
+                "size-1 dims, so that dim will not accept other sizes. Use example inputs with "
+                "batch and sequence length >= 2 to keep them dynamic.",
+                tuple(value.shape),
+            )
+        return {d: Dim.AUTO for d in range(value.dim())}
 
     return pytree.tree_map(spec, (args, kwargs)) if kwargs else pytree.tree_map(spec, args)
 
