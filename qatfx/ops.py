@@ -17,7 +17,7 @@ import torch
 
 from qatfx import reference
 
-_lib = torch.library.Library("qatfx", "DEF")  # noqa: TOR901 - the library owns the namespace
+_lib = torch.library.Library("qatfx", "DEF")
 
 _lib.define(
     "fake_quantize(Tensor x, *, int qmin, int qmax, int group_size, bool symmetric, "

@@ -61,38 +61,31 @@ def test_gradients_match_torchao_qat():
             assert err < 1e-5, f"{name}: max relative gradient difference {err:.2e}"
 
 
-def _prepared_equals_converted(seeds, dtype):
-    mismatches = []
-    for seed in seeds:
-        torch.manual_seed(seed)
-        model = TinyLM(vocab=64, dim=64, layers=1).to(dtype).eval()
-        prepared = qatfx.prepare_pt2e(model, qatfx.Int8DynActInt4WeightQuantizer(GROUP), (tokens(vocab=64),))
-        converted = qatfx.convert_pt2e(prepared)
-        t = tokens(batch=2, seq=7, vocab=64, seed=seed)
-        if not torch.equal(prepared(t), converted(t)):
-            mismatches.append(seed)
-    assert not mismatches, f"{len(mismatches)}/{len(seeds)} seeds did not match exactly: {mismatches[:10]}"
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_prepared_equals_converted_200_seeds(dtype, monkeypatch):
-    # One export serves all seeds: load each seed's weights into the same prepared graph.
+def _mismatching_seeds(n_seeds, dtype):
+    """Seeds whose converted output differs from the prepared output at all. One export
+    serves every seed: each seed's weights are loaded into the same prepared graph."""
     torch.manual_seed(0)
     template = TinyLM(vocab=64, dim=64, layers=1).to(dtype).eval()
     prepared = qatfx.prepare_pt2e(template, qatfx.Int8DynActInt4WeightQuantizer(GROUP), (tokens(vocab=64),))
     mismatches = []
-    for seed in range(200):
+    for seed in range(n_seeds):
         torch.manual_seed(seed)
-        fresh = TinyLM(vocab=64, dim=64, layers=1).to(dtype)
-        prepared.load_state_dict(fresh.state_dict())
+        prepared.load_state_dict(TinyLM(vocab=64, dim=64, layers=1).to(dtype).state_dict())
         converted = qatfx.convert_pt2e(prepared)
         t = torch.randint(0, 64, (2, 3 + seed % 9), generator=torch.Generator().manual_seed(seed))
         if not torch.equal(prepared(t), converted(t)):
             mismatches.append(seed)
+    return mismatches
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prepared_equals_converted_200_seeds(dtype):
+    mismatches = _mismatching_seeds(200, dtype)
     assert not mismatches, f"{len(mismatches)}/200 seeds did not match exactly: {mismatches[:10]}"
 
 
 @pytest.mark.long
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_prepared_equals_converted_1000_seeds(dtype):
-    _prepared_equals_converted(range(1000), dtype)
+    mismatches = _mismatching_seeds(1000, dtype)
+    assert not mismatches, f"{len(mismatches)}/1000 seeds did not match exactly: {mismatches[:10]}"
