@@ -95,8 +95,13 @@ def convert_pt2e(prepared: QATGraphModule, *, dump_dir: PathLike = None) -> QATG
     return gm
 
 
+def _unwrap_compiled(module: Any) -> Any:
+    """The module behind a torch.compile wrapper (OptimizedModule), or `module` itself."""
+    return getattr(module, "_orig_mod", module)
+
+
 def _set_fake_quant(module: Any, enabled: bool) -> None:
-    target = getattr(module, "_orig_mod", module)  # accept the torch.compile wrapper
+    target = _unwrap_compiled(module)
     _require_stage(target, "prepared", "enable_fake_quant / disable_fake_quant")
     run_pass(target, "enable_fake_quant" if enabled else "disable_fake_quant", set_fake_quant_enabled(enabled), dump_dir=target.qatfx_dump_dir)
 
@@ -111,8 +116,7 @@ def enable_fake_quant(module: Any) -> None:
 
 
 def fake_quant_enabled(module: Any) -> bool:
-    target = getattr(module, "_orig_mod", module)
-    return any(n.kwargs.get("enabled", True) for n in fake_quant_nodes(target))
+    return any(n.kwargs.get("enabled", True) for n in fake_quant_nodes(_unwrap_compiled(module)))
 
 
 class FakeQuantAfterNSteps:

@@ -20,23 +20,27 @@ import torch
 from qatfx.spec import ROW, TENSOR
 
 
-def _blocks(x: torch.Tensor, group_size: int) -> torch.Tensor:
-    """View `x` as (..., n_groups, group) blocks."""
-    if group_size == TENSOR:
-        return x.reshape(1, 1, -1)
+def _group_length(x: torch.Tensor, group_size: int) -> int:
+    """Elements per group along the last dim for a row/group `group_size` sentinel."""
     k = x.shape[-1]
     g = k if group_size == ROW else group_size
     if k % g != 0:
         raise ValueError(f"last dim {k} is not divisible by group size {g}")
-    return x.reshape(*x.shape[:-1], k // g, g)
+    return g
+
+
+def _blocks(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    """View `x` as (..., n_groups, group) blocks."""
+    if group_size == TENSOR:
+        return x.reshape(1, 1, -1)
+    g = _group_length(x, group_size)
+    return x.reshape(*x.shape[:-1], x.shape[-1] // g, g)
 
 
 def qparams_shape(x: torch.Tensor, group_size: int) -> tuple[int, ...]:
     if group_size == TENSOR:
         return (1,)
-    k = x.shape[-1]
-    g = k if group_size == ROW else group_size
-    return (*x.shape[:-1], k // g)
+    return (*x.shape[:-1], x.shape[-1] // _group_length(x, group_size))
 
 
 def _resolve_eps(eps: Optional[float], dtype: torch.dtype) -> float:

@@ -38,14 +38,16 @@ def test_compiled_training_step_matches_eager():
     loss_c = compiled(t).float().logsumexp(-1).mean()
     loss_e.backward()
     loss_c.backward()
-    # Rounding ties (see above) flip a few int8 codes by one step; a flipped code moves one
-    # logit by about scale * |w|, far below 1e-3 of the loss.
-    torch.testing.assert_close(loss_c, loss_e, rtol=1e-3, atol=1e-4)
+    # Without code flips the difference is fp32 reordering (measured: loss 6e-8, gradients
+    # 7e-7 relative). A rounding-tie flip moves one of the ~1024 int8 inputs of one token by
+    # one step (~1/255 of its range): about 3e-5 of the loss and 1e-4 of a gradient norm.
+    # The bounds allow a few flips; a wrong scale, mask or zero point is O(1).
+    torch.testing.assert_close(loss_c, loss_e, rtol=1e-4, atol=0)
     grads_e = dict(eager.named_parameters())
     for name, p in compiled_module.named_parameters():
         ref = grads_e[name].grad
         rel = ((p.grad - ref).norm() / ref.norm()).item()
-        assert rel < 1e-2, f"{name}: relative gradient difference {rel:.2e}"
+        assert rel < 1e-3, f"{name}: relative gradient difference {rel:.2e}"
 
 
 def test_fake_quant_is_decomposed_and_fused_by_inductor():
