@@ -110,7 +110,15 @@ def test_pack_unpack_int4_round_trip(tile):
     packed = reference.pack_int4(q, tile)
     assert packed.dtype == torch.uint8 and packed.shape == (5, 128)
     assert torch.equal(reference.unpack_int4(packed, tile), q)
-    assert torch.equal(ops.unpack_int4(packed, tile), q)
+
+
+def test_dequantize_int4_op_matches_reference():
+    w = torch.randn(6, 128, generator=torch.Generator().manual_seed(0))
+    scale, _ = reference.choose_qparams(w, -8, 7, 32, True, torch.finfo(torch.float32).eps, torch.float32)
+    q = reference.quantize(w, scale, None, -8, 7, 32)
+    sums = q.reshape(6, 4, 32).sum(-1, dtype=torch.int32)
+    out = ops.dequantize_int4(reference.pack_int4(q, 32), scale, sums, 32, torch.float32)
+    assert torch.equal(out, reference.dequantize(q, scale, None, 32, torch.float32))
 
 
 def test_pack_layout_low_nibble_first_half_of_tile():

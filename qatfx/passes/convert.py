@@ -4,11 +4,13 @@ Matches:     every qatfx.fake_quantize node (enabled or not).
 Rewrites to:
     weight (input is a parameter, or the transpose of one):
         before: fq_w = qatfx.fake_quantize(w, qmin=-8, qmax=7, group_size=32, ...)
-        after:  q_w  = qatfx.unpack_int4(w_packed, 32)                # int4: packed buffer
-                fq_w = qatfx.dequantize(q_w, w_scales, None, 32, torch.float32)
+        after (symmetric int4, the packed format the int8 x int4 kernel reads):
+                fq_w = qatfx.dequantize_int4(w_packed, w_scales, w_group_sums, 32, torch.float32)
+        after (other widths):
+                fq_w = qatfx.dequantize(w_packed, w_scales, w_zeros or None, 32, torch.float32)
         with buffers `<layer>.weight_packed` (uint8, two int4 per byte; int8 for other
-        widths) and `<layer>.weight_scales` (and `weight_zeros` when asymmetric) computed
-        from the parameter's current value.
+        widths), `<layer>.weight_scales`, and `weight_group_sums` (int32, int4) or
+        `weight_zeros` (asymmetric), computed from the parameter's current value.
     activation:
         before: fq_x = qatfx.fake_quantize(x, qmin=-128, qmax=127, group_size=-1, ...)
         after:  q = qatfx.quantize_dynamic(x, -128, 127, -1, False, eps, torch.float32)
@@ -26,7 +28,7 @@ import torch
 import torch.fx
 
 from qatfx import reference
-from qatfx.ops import dequantize, quantize_dynamic, unpack_int4
+from qatfx.ops import dequantize, dequantize_int4, quantize_dynamic
 from qatfx.passes.infra import PassResult
 from qatfx.passes.insert_fake_quant import ROLE_META_KEY, SPEC_META_KEY, fake_quant_nodes
 from qatfx.passes.linear_sites import get_attr_value
@@ -36,7 +38,7 @@ aten = torch.ops.aten
 
 
 def _packed_int4(spec: QuantSpec) -> bool:
-    return spec.bits == 4 and spec.signed
+    return spec.bits == 4 and spec.signed and spec.symmetric
 
 
 def _weight_param(node: torch.fx.Node) -> tuple[torch.fx.Node, bool]:
@@ -65,23 +67,26 @@ def _convert_weight(gm: torch.fx.GraphModule, fq: torch.fx.Node, spec: QuantSpec
         weight = weight.t()
     scale, zero = reference.choose_qparams(weight, spec.qmin, spec.qmax, spec.group_size, spec.symmetric, spec.eps, spec.scale_dtype)
     q = reference.quantize(weight, scale, zero, spec.qmin, spec.qmax, spec.group_size)
-    tile = weight.shape[-1] if spec.group_size == ROW else spec.group_size
-    stored = reference.pack_int4(q, tile) if _packed_int4(spec) else q
-
     base = param_node.target
-    names = {"packed": f"{base}_packed", "scales": f"{base}_scales", "zeros": f"{base}_zeros"}
-    _register_buffer(gm, names["packed"], stored.contiguous())
-    _register_buffer(gm, names["scales"], scale.contiguous())
-    if zero is not None:
-        _register_buffer(gm, names["zeros"], zero.contiguous())
+    if _packed_int4(spec):
+        tile = weight.shape[-1] if spec.group_size == ROW else spec.group_size
+        group_sums = q.reshape(*scale.shape, -1).sum(-1, dtype=torch.int32)
+        buffers = {"packed": reference.pack_int4(q, tile), "scales": scale, "group_sums": group_sums}
+    else:
+        buffers = {"packed": q, "scales": scale}
+        if zero is not None:
+            buffers["zeros"] = zero
+    for part, value in buffers.items():
+        _register_buffer(gm, f"{base}_{part}", value.contiguous())
 
     with graph.inserting_before(fq):
-        q_node = graph.get_attr(names["packed"])
+        inputs = {part: graph.get_attr(f"{base}_{part}") for part in buffers}
         if _packed_int4(spec):
-            q_node = _call(graph, unpack_int4, (q_node, tile), f"unpack_{param_node.name}")
-        scale_node = graph.get_attr(names["scales"])
-        zero_node = graph.get_attr(names["zeros"]) if zero is not None else None
-        dq = _call(graph, dequantize, (q_node, scale_node, zero_node, spec.group_size, weight.dtype), f"dq_{param_node.name}")
+            args = (inputs["packed"], inputs["scales"], inputs["group_sums"], spec.group_size, weight.dtype)
+            dq = _call(graph, dequantize_int4, args, f"dq_{param_node.name}")
+        else:
+            args = (inputs["packed"], inputs["scales"], inputs.get("zeros"), spec.group_size, weight.dtype)
+            dq = _call(graph, dequantize, args, f"dq_{param_node.name}")
     dq.meta.update(val=fq.meta.get("val"), **{ROLE_META_KEY: "weight", SPEC_META_KEY: spec})
     source = fq.args[0]
     fq.replace_all_uses_with(dq)
