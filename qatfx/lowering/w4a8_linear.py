@@ -1,0 +1,113 @@
+"""`qatfx::w4a8_linear`: the fused op the lowering pass puts in place of q/dq + linear.
+
+    y = epilogue(linear(dequantize(x_q, x_scale, x_zero), dequantize_int4(w_packed, w_scales)))
+
+Inputs are what convert wrote and what the activation quantization computes:
+    x_q (..., K) int8, x_scale (..., 1) and x_zero (..., 1) (per token), the packed int4
+    weight format (w_packed (N, K // 2) uint8, w_scales (N, K // G), w_group_sums (N, K // G)
+    int32), bias (N,) or None, residual (..., N) or None.
+Epilogue, in this order: + bias, activation (one of ACTIVATIONS), + residual, cast to
+out_dtype. `compute_dtype` is the dtype the unfused graph computed the linear in.
+
+Implementations, chosen by device:
+- GPU (and CPU tensors under TRITON_INTERPRET=1 outside torch.compile): the Triton kernel in
+  `kernels/w4a8_gemm.py`, which uses the integer form of numerics.md (exact int32 group
+  dots, fp32 everywhere else, one rounding to out_dtype at the end).
+- CPU: dequantize and `F.linear` in compute_dtype, which is the converted model's eager
+  formula step for step, so a compiled CPU model matches the eager one.
+In fp32 the two agree up to summation order; in bf16 the kernel skips the bf16 rounding of
+the dequantized operands and of the intermediate results, which is the expected difference
+of any integer kernel.
+
+It is a `torch.library.triton_op`: torch.compile and torch.export see through it when it
+is called in user code (the kernel is launched through `wrap_triton`). The lowering pass
+inserts it after AOT autograd, where Inductor calls it as an extern kernel.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch._subclasses.fake_tensor import is_fake
+
+from qatfx import reference
+from qatfx.spec import ROW
+
+ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu")
+
+
+def apply_activation(y: torch.Tensor, activation: str) -> torch.Tensor:
+    if activation == "none":
+        return y
+    if activation == "relu":
+        return torch.relu(y)
+    if activation == "gelu":
+        return F.gelu(y)
+    if activation == "gelu_tanh":
+        return F.gelu(y, approximate="tanh")
+    if activation == "silu":
+        return F.silu(y)
+    raise ValueError(f"qatfx.w4a8_linear: unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+
+
+def _use_triton(x: torch.Tensor) -> bool:
+    if x.device.type != "cpu":
+        return True
+    # CPU tensors run the kernel only in the interpreter, only eagerly and on real data:
+    # Inductor's CPU backend cannot emit a user Triton kernel, and the interpreter cannot
+    # run on fake tensors (this function is also the op's fake kernel).
+    interpreting = os.environ.get("TRITON_INTERPRET") == "1"
+    return interpreting and not torch.compiler.is_compiling() and not is_fake(x)
+
+
+def _dequantized_linear(
+    x_q, x_scale, x_zero, w_packed, w_scales, group_size, bias, compute_dtype
+) -> torch.Tensor:
+    x = reference.dequantize(x_q, x_scale, x_zero, ROW, compute_dtype)
+    tile = 2 * w_packed.shape[-1] if group_size == ROW else group_size
+    w = reference.dequantize(reference.unpack_int4(w_packed, tile), w_scales, None, group_size, compute_dtype)
+    return F.linear(x, w, bias)
+
+
+@torch.library.triton_op("qatfx::w4a8_linear", mutates_args=())
+def w4a8_linear(
+    x_q: torch.Tensor,
+    x_scale: torch.Tensor,
+    x_zero: torch.Tensor,
+    w_packed: torch.Tensor,
+    w_scales: torch.Tensor,
+    w_group_sums: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    residual: Optional[torch.Tensor],
+    group_size: int,
+    activation: str,
+    compute_dtype: torch.dtype,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    lead, k = x_q.shape[:-1], x_q.shape[-1]
+    n = w_packed.shape[0]
+    if _use_triton(x_q):
+        from qatfx.lowering.kernels.w4a8_gemm import w4a8_gemm
+
+        y = w4a8_gemm(
+            x_q.reshape(-1, k),
+            x_scale.reshape(-1, 1).float(),
+            x_zero.reshape(-1, 1).float(),
+            w_packed,
+            w_scales,
+            w_group_sums,
+            bias,
+            None if residual is None else residual.reshape(-1, n),
+            group_size=k if group_size == ROW else group_size,
+            activation=activation,
+            out_dtype=out_dtype,
+        )
+        return y.reshape(*lead, n)
+    y = _dequantized_linear(x_q, x_scale, x_zero, w_packed, w_scales, group_size, bias, compute_dtype)
+    y = apply_activation(y, activation)
+    if residual is not None:
+        y = y + residual
+    return y.to(out_dtype)
