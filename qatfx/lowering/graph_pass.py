@@ -75,6 +75,14 @@ def duplicate_shared_dequantize(graph: torch.fx.Graph) -> int:
     return copies
 
 
+def remove_metadata_asserts(graph: torch.fx.Graph) -> None:
+    """Drop torch.export's dtype asserts (`x.to(...)` leaves one): a second user of the
+    fused op's output would block the cast epilogue. Inductor removes them later anyway."""
+    for node in list(graph.nodes):
+        if node.target is torch.ops.aten._assert_tensor_metadata.default:
+            graph.erase_node(node)
+
+
 def _is_qatfx_op(target) -> bool:
     return isinstance(target, torch._ops.OpOverload) and target.namespace == "qatfx"
 
@@ -90,6 +98,7 @@ class QATFXGraphPass(CustomGraphPass):
             duplicate_shared_dequantize(graph)
             apply_until_fixed_point(_compiled_patterns("FUSE_LINEAR"), graph)
         if self.config.fuse_epilogue:
+            remove_metadata_asserts(graph)
             apply_until_fixed_point(_compiled_patterns("FUSE_EPILOGUE"), graph)
         if self.config.decompose:
             apply_until_fixed_point(_compiled_patterns("DECOMPOSE"), graph)
