@@ -106,8 +106,8 @@ def _dequantize_int4(
     """Symmetric int4 weight in the packed format convert writes -> (N, K) out_dtype.
 
     The packed format is three tensors: `packed` (N, K // 2) uint8 (layout in
-    reference.pack_int4), `scales` (N, K // G) and `group_sums` (N, K // G) int32, the sum
-    of the int4 values of each group. Dequantization does not need the sums; the fused
+    reference.pack_int4), `scales` (N, K // G) and `group_sums` (N, K // G) int16, the sum
+    of the int4 values of each group (reference.int4_group_sums). Dequantization does not need the sums; the fused
     int8 x int4 kernel does (the activation zero-point correction), and carrying them in
     the op keeps them visible to the lowering pass.
     """

@@ -177,6 +177,15 @@ def pack_int4(q: torch.Tensor, tile: int) -> torch.Tensor:
     return packed.to(torch.uint8).reshape(n, k // 2)
 
 
+def int4_group_sums(q: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Sum of the int values of each group, (N, K // G): the constant the int8 x int4 kernel
+    needs for the activation zero-point correction. int16 (|sum| <= 8 * G fits for
+    G <= 4096, and halves the bytes a decode step reads next to the weights), int32 beyond."""
+    g = _group_length(q, group_size)
+    dtype = torch.int16 if g <= 4096 else torch.int32
+    return q.reshape(*q.shape[:-1], q.shape[-1] // g, g).sum(-1, dtype=torch.int32).to(dtype)
+
+
 def unpack_int4(packed: torch.Tensor, tile: int) -> torch.Tensor:
     """(N, K // 2) uint8 -> (N, K) int8; exact inverse of `pack_int4`."""
     n, half_k = packed.shape

@@ -49,7 +49,7 @@ def _activation_q_2d():
 
 
 def _packed_weight():
-    return [torch.zeros(N, K // 2, dtype=torch.uint8), torch.ones(N, K // G), torch.zeros(N, K // G, dtype=torch.int32)]
+    return [torch.zeros(N, K // 2, dtype=torch.uint8), torch.ones(N, K // G), torch.zeros(N, K // G, dtype=torch.int16)]
 
 
 def _linear_inputs():

@@ -5,7 +5,7 @@
 Inputs are what convert wrote and what the activation quantization computes:
     x_q (..., K) int8, x_scale (..., 1) and x_zero (..., 1) (per token), the packed int4
     weight format (w_packed (N, K // 2) uint8, w_scales (N, K // G), w_group_sums (N, K // G)
-    int32), bias (N,) or None, residual (..., N) or None.
+    int16, see reference.int4_group_sums), bias (N,) or None, residual (..., N) or None.
 Epilogue, in this order: + bias, activation (one of ACTIVATIONS), + residual, cast to
 out_dtype. `compute_dtype` is the dtype the unfused graph computed the linear in.
 

@@ -9,7 +9,7 @@ Rewrites to:
         after (other widths):
                 fq_w = qatfx.dequantize(w_packed, w_scales, w_zeros or None, 32, torch.float32)
         with buffers `<layer>.weight_packed` (uint8, two int4 per byte; int8 for other
-        widths), `<layer>.weight_scales`, and `weight_group_sums` (int32, int4) or
+        widths), `<layer>.weight_scales`, and `weight_group_sums` (int16, int4; see reference.int4_group_sums) or
         `weight_zeros` (asymmetric), computed from the parameter's current value.
     activation:
         before: fq_x = qatfx.fake_quantize(x, qmin=-128, qmax=127, group_size=-1, ...)
@@ -70,8 +70,11 @@ def _convert_weight(gm: torch.fx.GraphModule, fq: torch.fx.Node, spec: QuantSpec
     base = param_node.target
     if _packed_int4(spec):
         tile = weight.shape[-1] if spec.group_size == ROW else spec.group_size
-        group_sums = q.reshape(*scale.shape, -1).sum(-1, dtype=torch.int32)
-        buffers = {"packed": reference.pack_int4(q, tile), "scales": scale, "group_sums": group_sums}
+        buffers = {
+            "packed": reference.pack_int4(q, tile),
+            "scales": scale,
+            "group_sums": reference.int4_group_sums(q, spec.group_size),
+        }
     else:
         buffers = {"packed": q, "scales": scale}
         if zero is not None:

@@ -53,9 +53,9 @@ linear_6 = linear(dq_mul_4, dq_down_proj_weight)""")
         self.assertFalse(hasattr(q, "weight"))  # the float weight is gone
         self.assertEqual((q.weight_packed.dtype, tuple(q.weight_packed.shape)), (torch.uint8, (64, 32)))
         self.assertEqual((q.weight_scales.dtype, tuple(q.weight_scales.shape)), (torch.float32, (64, 2)))
-        self.assertEqual((q.weight_group_sums.dtype, tuple(q.weight_group_sums.shape)), (torch.int32, (64, 2)))
+        self.assertEqual((q.weight_group_sums.dtype, tuple(q.weight_group_sums.shape)), (torch.int16, (64, 2)))
         unpacked = qatfx.reference.unpack_int4(q.weight_packed, 32).reshape(64, 2, 32)
-        self.assertTrue(torch.equal(q.weight_group_sums, unpacked.sum(-1, dtype=torch.int32)))
+        self.assertTrue(torch.equal(q.weight_group_sums, unpacked.sum(-1, dtype=torch.int16)))
 
     def test_prepared_is_left_unchanged(self):
         prepared = prepared_block()

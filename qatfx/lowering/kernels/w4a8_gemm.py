@@ -1,0 +1,468 @@
+"""int8 activations x packed int4 weights, per-group scales: y = epilogue(x @ w.T).
+
+Shapes (G = group_size, a power of two >= 32 dividing K):
+    x_q (M, K) int8, x_scale (M, 1) fp32, x_zero (M, 1) fp32 holding integers in [-128, 127]
+    w_packed (N, K // 2) uint8, w_scales (N, K // G) fp32 or bf16, w_group_sums (N, K // G) int32
+    bias (N,) or None, residual (M, N) or None  ->  out (M, N) out_dtype
+
+Formula (the integer form of docs/numerics.md):
+    dot_g[t, n] = sum_{k in g} q_x[t, k] * q_w[n, k]                        exact int32
+    acc[t, n]   = sum_g float32(dot_g - z_t * wsum[n, g]) * float32(s_ng)    groups summed in fp32
+    y = acc * s_t;  y += bias;  y = activation(y);  y += residual;  y.to(out_dtype)
+All epilogue math is fp32. The int32 values are exact for G <= 2^19 and convert to fp32
+exactly for G <= 2^13 (|dot_g - z_t * wsum| <= 2 * 128 * 8 * G).
+
+Pack layout (`qatfx.reference.pack_int4(q, tile=G)`): group g of row n is the G // 2
+contiguous bytes w_packed[n, g*G/2 : (g+1)*G/2]; byte j holds element j of the group in its
+low nibble and element j + G/2 in its high nibble, two's complement. So a group is two dots
+on contiguous halves, dot(x[first half], lo) + dot(x[second half], hi), with no interleave.
+
+Two paths, chosen by M (see `launch_plan`):
+- large M (prefill): grid (M tiles * N tiles, 1); the epilogue is fused in the GEMM kernel.
+- small M (decode): the groups are split over SPLIT_K programs per tile, each writing fp32
+  partials to a (SPLIT_K, M, N) workspace; a second kernel sums them in split order
+  (deterministic, no atomics) and applies the same epilogue.
+
+`w4a8_gemm_reference` computes the same function in torch on any device. On CPU tensors the
+kernels run only under TRITON_INTERPRET=1 (set before importing this module).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from qatfx import reference
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu")
+SUPPORTED_OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+SUPPORTED_SCALE_DTYPES = (torch.float32, torch.bfloat16)
+
+# Read once: triton.jit picks the interpreter at decoration time from the same variable.
+_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# Triton's NVIDIA backend needs K >= 32 for an 8-bit tl.dot (min_dot_size in
+# triton/backends/nvidia/compiler.py), so at G = 32 (halves of 16) the two nibble halves are
+# joined back into one K = 32 tile and reduced with a single dot.
+_MIN_INT8_DOT_K = 32
+# Bytes of one group half reduced per inner step (128 K elements). Heuristic, untuned: no GPU
+# was available while writing this kernel.
+_MAX_CHUNK_BYTES = 64
+# M at or below which the split-K decode path runs. Heuristic, untuned.
+_SMALL_M_MAX = 16
+_MAX_SPLIT_K = 16
+
+
+def is_supported_group_size(g: int) -> bool:
+    """True when the kernel handles group size `g`: a power of two >= 32."""
+    return g >= 32 and (g & (g - 1)) == 0
+
+
+# ---- kernels --------------------------------------------------------------------------------
+
+
+@triton.jit
+def _activation(y, ACTIVATION: tl.constexpr):
+    """ACTIVATION indexes SUPPORTED_ACTIVATIONS."""
+    if ACTIVATION == 1:
+        y = tl.maximum(y, 0.0)
+    elif ACTIVATION == 2:
+        y = 0.5 * y * (1.0 + tl.math.erf(y * 0.7071067811865476))
+    elif ACTIVATION == 3:
+        # 0.5 * (1 + tanh(u)) == sigmoid(2u): the tanh gelu without a tanh intrinsic.
+        u = 0.7978845608028654 * (y + 0.044715 * y * y * y)
+        y = y * tl.sigmoid(2.0 * u)
+    elif ACTIVATION == 4:
+        y = y * tl.sigmoid(y)
+    return y
+
+
+@triton.jit
+def _epilogue(
+    acc, offs_m, offs_n, M, N,
+    x_scale_ptr, bias_ptr, residual_ptr, stride_rm, out_ptr, stride_om,
+    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+):
+    """out[tile] = (acc * s_t + bias -> activation + residual).to(out dtype), all fp32."""
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    mn_mask = m_mask[:, None] & n_mask[None, :]
+    rows = offs_m.to(tl.int64)[:, None]
+    y = acc * tl.load(x_scale_ptr + offs_m, mask=m_mask, other=0.0)[:, None]
+    if HAS_BIAS:
+        y = y + tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    y = _activation(y, ACTIVATION)
+    if HAS_RESIDUAL:
+        res = tl.load(residual_ptr + rows * stride_rm + offs_n[None, :], mask=mn_mask, other=0.0)
+        y = y + res.to(tl.float32)
+    tl.store(out_ptr + rows * stride_om + offs_n[None, :], y.to(out_ptr.dtype.element_ty), mask=mn_mask)
+
+
+@triton.jit
+def _tile_coordinates(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SWIZZLE_M: tl.constexpr):
+    """(pid_m, pid_n) of this program, SWIZZLE_M row tiles at a time for L2 reuse of w."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    pids_per_band = SWIZZLE_M * num_pid_n
+    first_pid_m = (pid // pids_per_band) * SWIZZLE_M
+    band_m = min(num_pid_m - first_pid_m, SWIZZLE_M)
+    pid_m = first_pid_m + (pid % pids_per_band) % band_m
+    pid_n = (pid % pids_per_band) // band_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _unpack_nibbles(w_ptrs, n_mask):
+    """Load (CHUNK, BLOCK_N) packed bytes; return the low and high nibbles as int8 in [-8, 7]."""
+    b = tl.load(w_ptrs, mask=n_mask[None, :], other=0).to(tl.int32)
+    lo = (((b & 0xF) ^ 8) - 8).to(tl.int8)
+    hi = (((b >> 4) ^ 8) - 8).to(tl.int8)
+    return lo, hi
+
+
+@triton.jit(do_not_specialize=["M", "M_BUCKET"])
+def _w4a8_gemm_kernel(
+    # int8 activations (M, K); per-token scale and zero point (M, 1) fp32
+    x_ptr, x_scale_ptr, x_zero_ptr,
+    # packed int4 weights (N, K // 2) uint8; group scales (N, K // G); group sums (N, K // G) int32
+    w_ptr, w_scale_ptr, w_sum_ptr,
+    # epilogue operands: bias (N,) and residual (M, N), None when absent
+    bias_ptr, residual_ptr,
+    # out (M, N) when SPLIT_K == 1, else the fp32 partials workspace (SPLIT_K, M, N)
+    out_ptr,
+    # sizes; M_BUCKET (next power of two of M) only keys the autotuner
+    M, N, K, M_BUCKET, groups_per_split,
+    # row strides; every operand's last dim is contiguous
+    stride_xm, stride_wn, stride_sn, stride_rm, stride_om,
+    # problem constants chosen by the launcher
+    GROUP_SIZE: tl.constexpr, CHUNK_BYTES: tl.constexpr, JOIN_HALVES: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    # tiles chosen by the autotuner
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SWIZZLE_M: tl.constexpr,
+):
+    HALF: tl.constexpr = GROUP_SIZE // 2
+    pid_m, pid_n = _tile_coordinates(M, N, BLOCK_M, BLOCK_N, SWIZZLE_M)
+    pid_k = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_c = tl.arange(0, CHUNK_BYTES)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    # Masked rows and columns load zeros everywhere, so they accumulate 0 and are not stored.
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    w_cols = w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn
+    zero_t = tl.load(x_zero_ptr + offs_m, mask=m_mask, other=0.0).to(tl.int32)
+
+    n_groups = K // GROUP_SIZE
+    g_start = pid_k * groups_per_split
+    g_end = min(g_start + groups_per_split, n_groups)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for g in range(g_start, g_end):
+        dot = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        for c in range(0, HALF // CHUNK_BYTES):
+            k_lo = g * GROUP_SIZE + c * CHUNK_BYTES + offs_c  # K index of the low nibbles
+            lo, hi = _unpack_nibbles(w_cols + (g * HALF + c * CHUNK_BYTES + offs_c)[:, None], n_mask)
+            if JOIN_HALVES:
+                # One (BLOCK_M, G) x (G, BLOCK_N) dot: rows [lo; hi] are the group in K order.
+                w = tl.reshape(tl.permute(tl.join(lo, hi), (2, 0, 1)), (2 * CHUNK_BYTES, BLOCK_N))
+                x = tl.load(x_rows + (g * GROUP_SIZE + tl.arange(0, 2 * CHUNK_BYTES))[None, :],
+                            mask=m_mask[:, None], other=0)
+                dot = tl.dot(x, w, acc=dot, out_dtype=tl.int32)
+            else:
+                x_lo = tl.load(x_rows + k_lo[None, :], mask=m_mask[:, None], other=0)
+                x_hi = tl.load(x_rows + (k_lo + HALF)[None, :], mask=m_mask[:, None], other=0)
+                dot = tl.dot(x_lo, lo, acc=dot, out_dtype=tl.int32)
+                dot = tl.dot(x_hi, hi, acc=dot, out_dtype=tl.int32)
+        wsum = tl.load(w_sum_ptr + offs_n * stride_sn + g, mask=n_mask, other=0)
+        scale = tl.load(w_scale_ptr + offs_n * stride_sn + g, mask=n_mask, other=0.0).to(tl.float32)
+        # The zero-point correction is exact in int32; only then does the group go to fp32.
+        corrected = dot - zero_t[:, None] * wsum[None, :]
+        acc += corrected.to(tl.float32) * scale[None, :]
+
+    if SPLIT_K == 1:
+        _epilogue(acc, offs_m, offs_n, M, N, x_scale_ptr, bias_ptr, residual_ptr, stride_rm,
+                  out_ptr, stride_om, HAS_BIAS, ACTIVATION, HAS_RESIDUAL)
+    else:
+        partial_ptr = out_ptr + pid_k.to(tl.int64) * M * stride_om
+        rows = offs_m.to(tl.int64)[:, None]
+        tl.store(partial_ptr + rows * stride_om + offs_n[None, :], acc,
+                 mask=m_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _w4a8_split_k_reduce_kernel(
+    # fp32 partials (SPLIT_K, M, N) written by _w4a8_gemm_kernel
+    partial_ptr,
+    # epilogue operands, as in _w4a8_gemm_kernel
+    x_scale_ptr, bias_ptr, residual_ptr,
+    # output (M, N)
+    out_ptr,
+    M, N, stride_rm, stride_om,
+    SPLIT_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Sum the partials in split order (deterministic), then the shared epilogue."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    ptrs = partial_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+    acc = tl.load(ptrs, mask=mask, other=0.0)
+    for s in tl.static_range(1, SPLIT_K):
+        acc += tl.load(ptrs + s * M * N, mask=mask, other=0.0)
+    _epilogue(acc, offs_m, offs_n, M, N, x_scale_ptr, bias_ptr, residual_ptr, stride_rm,
+              out_ptr, stride_om, HAS_BIAS, ACTIVATION, HAS_RESIDUAL)
+
+
+# ---- autotuning -----------------------------------------------------------------------------
+#
+# Config lists are heuristic and untuned (no GPU was available while writing this file):
+# common Triton GEMM tiles for large M; BLOCK_M = 16 (the smallest tile tl.dot lowers to an
+# MMA well) with several BLOCK_N for decode. Under the interpreter each config runs in numpy,
+# one after the other, so each path has exactly one small config.
+
+
+def _config(block_m: int, block_n: int, swizzle_m: int, warps: int, stages: int) -> triton.Config:
+    meta = {"BLOCK_M": block_m, "BLOCK_N": block_n, "SWIZZLE_M": swizzle_m}
+    return triton.Config(meta, num_warps=warps, num_stages=stages)
+
+
+if _INTERPRETING:
+    _LARGE_M_CONFIGS = [_config(32, 32, 1, 4, 1)]
+    _SMALL_M_CONFIGS = [_config(16, 32, 1, 4, 1)]
+else:
+    _LARGE_M_CONFIGS = [
+        _config(128, 128, 8, 8, 3),
+        _config(128, 64, 8, 4, 4),
+        _config(64, 128, 8, 4, 4),
+        _config(64, 64, 8, 4, 4),
+        _config(32, 64, 8, 4, 4),
+    ]
+    _SMALL_M_CONFIGS = [_config(16, n, 1, 4, s) for n in (32, 64, 128) for s in (3, 4)]
+
+_REDUCE_BLOCK_N = 32 if _INTERPRETING else 128
+# Tile width assumed when choosing SPLIT_K before the autotuner picks BLOCK_N. Heuristic.
+_NOMINAL_DECODE_BLOCK_N = 64
+
+
+def _prune_configs(configs: list, named_args: dict, **kwargs) -> list:
+    """Drop tiles much larger than the problem; keep at least the smallest config."""
+    args = {**named_args, **kwargs}
+    max_m, max_n = max(16, args["M_BUCKET"]), max(32, triton.next_power_of_2(args["N"]))
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max_m and c.kwargs["BLOCK_N"] <= max_n]
+    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+
+
+def _autotuned(configs: list):
+    return triton.autotune(
+        configs=configs,
+        key=["M_BUCKET", "N", "K", "GROUP_SIZE", "SPLIT_K"],
+        prune_configs_by={"early_config_prune": _prune_configs},
+    )(_w4a8_gemm_kernel)
+
+
+_large_m_gemm = _autotuned(_LARGE_M_CONFIGS)
+_small_m_gemm = _autotuned(_SMALL_M_CONFIGS)
+
+
+# ---- host side ------------------------------------------------------------------------------
+
+
+class LaunchPlan(NamedTuple):
+    small_m: bool  # decode configs (BLOCK_M = 16)
+    split_k: int  # > 1: partials to a workspace, then the reduce kernel
+    groups_per_split: int
+
+
+def _target_programs(device: torch.device) -> int:
+    """Programs worth launching: two waves of SMs on a GPU (heuristic, untuned); a few under
+    the interpreter, enough to exercise split-K while keeping tests fast."""
+    if device.type == "cuda":
+        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def launch_plan(m: int, n: int, k: int, group_size: int, device: torch.device) -> LaunchPlan:
+    """Which path runs for an (m, k) x (n, k) problem, and how the groups are split."""
+    n_groups = k // group_size
+    if m > _SMALL_M_MAX:
+        return LaunchPlan(False, 1, n_groups)
+    tiles = triton.cdiv(n, _NOMINAL_DECODE_BLOCK_N)
+    split = max(1, min(n_groups, _MAX_SPLIT_K, triton.cdiv(_target_programs(device), tiles)))
+    per_split = triton.cdiv(n_groups, split)
+    return LaunchPlan(True, triton.cdiv(n_groups, per_split), per_split)  # no empty split
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(f"w4a8_gemm: {message}")
+
+
+def _check_arguments(x_q, x_scale, x_zero, w_packed, w_scales, w_group_sums, bias, residual,
+                     group_size, activation, out_dtype, *, for_kernel: bool = True) -> None:
+    """ValueError naming the problem and the fix; runs before any allocation or launch. The
+    reference (`for_kernel=False`) takes any even group size."""
+    _require(x_q.dtype == torch.int8 and x_q.dim() == 2,
+             f"x_q must be a 2-D int8 (M, K) tensor, got {x_q.dtype} {tuple(x_q.shape)}; "
+             "reshape to (M, K) and quantize with qatfx.reference.quantize")
+    m, k = x_q.shape
+    if for_kernel:
+        _require(is_supported_group_size(group_size),
+                 f"group_size must be a power of two >= 32, got {group_size}; "
+                 "use w4a8_gemm_reference for other group sizes")
+    _require(group_size >= 2 and group_size % 2 == 0,
+             f"group_size must be even (two int4 per byte), got {group_size}")
+    _require(k > 0 and k % group_size == 0,
+             f"K={k} is not a positive multiple of group_size={group_size}; pad K with zeros")
+    _require(w_packed.dtype == torch.uint8 and w_packed.dim() == 2 and w_packed.shape[1] * 2 == k,
+             f"w_packed must be (N, K // 2) = (N, {k // 2}) uint8 from pack_int4, "
+             f"got {w_packed.dtype} {tuple(w_packed.shape)}")
+    n, n_groups = w_packed.shape[0], k // group_size
+    for name, t, dtype, shape in (("x_scale", x_scale, (torch.float32,), (m, 1)),
+                                  ("x_zero", x_zero, (torch.float32,), (m, 1)),
+                                  ("w_scales", w_scales, SUPPORTED_SCALE_DTYPES, (n, n_groups)),
+                                  ("w_group_sums", w_group_sums, (torch.int32,), (n, n_groups))):
+        _require(t.dtype in dtype and tuple(t.shape) == shape,
+                 f"{name} must be {shape} with dtype in {dtype}, got {t.dtype} {tuple(t.shape)}")
+    for name, t, shape in (("bias", bias, (n,)), ("residual", residual, (m, n))):
+        _require(t is None or (t.is_floating_point() and tuple(t.shape) == shape),
+                 f"{name} must be None or a floating {shape} tensor, "
+                 f"got {None if t is None else (t.dtype, tuple(t.shape))}")
+    _require(activation in SUPPORTED_ACTIVATIONS,
+             f"activation must be one of {SUPPORTED_ACTIVATIONS}, got {activation!r}")
+    _require(out_dtype in SUPPORTED_OUT_DTYPES,
+             f"out_dtype must be one of {SUPPORTED_OUT_DTYPES}, got {out_dtype}")
+    tensors = [t for t in (x_scale, x_zero, w_packed, w_scales, w_group_sums, bias, residual)
+               if t is not None]
+    _require(all(t.device == x_q.device for t in tensors),
+             f"all tensors must be on x_q's device {x_q.device}; move them with .to(x_q.device)")
+
+
+def _launcher(kernel, device: torch.device):
+    """GPU: through wrap_triton, so a triton_op around this launcher is traceable and Inductor
+    emits the kernel. CPU (interpreter only): direct; torch <= 2.12 cannot wrap_triton with
+    CPU tensors."""
+    if device.type == "cpu":
+        if not _INTERPRETING:
+            raise RuntimeError(
+                "w4a8_gemm: Triton kernels need a GPU; for CPU tensors call w4a8_gemm_reference, "
+                "or set TRITON_INTERPRET=1 before importing qatfx to run the kernel interpreted")
+        return kernel
+    return torch.library.wrap_triton(kernel)
+
+
+def w4a8_gemm(
+    x_q: torch.Tensor,
+    x_scale: torch.Tensor,
+    x_zero: torch.Tensor,
+    w_packed: torch.Tensor,
+    w_scales: torch.Tensor,
+    w_group_sums: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    residual: Optional[torch.Tensor] = None,
+    *,
+    group_size: int,
+    activation: str = "none",
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """(M, K) int8 x (N, K // 2) packed int4 -> (M, N) out_dtype; see the module docstring."""
+    _check_arguments(x_q, x_scale, x_zero, w_packed, w_scales, w_group_sums, bias, residual,
+                     group_size, activation, out_dtype)
+    (m, k), n, device = x_q.shape, w_packed.shape[0], x_q.device
+    out = torch.empty((m, n), dtype=out_dtype, device=device)
+    if m == 0 or n == 0:
+        return out
+    x_q, x_scale, x_zero, w_packed, w_scales, w_group_sums = (
+        t.contiguous() for t in (x_q, x_scale, x_zero, w_packed, w_scales, w_group_sums))
+    bias = None if bias is None else bias.contiguous()
+    residual = None if residual is None else residual.contiguous()
+    plan = launch_plan(m, n, k, group_size, device)
+    logger.debug("w4a8_gemm M=%d N=%d K=%d G=%d: %s", m, n, k, group_size, plan)
+
+    half = group_size // 2
+    flags = dict(HAS_BIAS=bias is not None, ACTIVATION=SUPPORTED_ACTIVATIONS.index(activation),
+                 HAS_RESIDUAL=residual is not None)
+    target = out if plan.split_k == 1 else torch.empty((plan.split_k, m, n), dtype=torch.float32,
+                                                       device=device)
+    gemm = _small_m_gemm if plan.small_m else _large_m_gemm
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), plan.split_k)  # noqa: E731
+    _launcher(gemm, device)[grid](
+        x_q, x_scale, x_zero, w_packed, w_scales, w_group_sums, bias, residual, target,
+        m, n, k, triton.next_power_of_2(m), plan.groups_per_split,
+        x_q.stride(0), w_packed.stride(0), w_scales.stride(0),
+        0 if residual is None else residual.stride(0), target.stride(-2),
+        GROUP_SIZE=group_size, CHUNK_BYTES=min(half, _MAX_CHUNK_BYTES),
+        JOIN_HALVES=half < _MIN_INT8_DOT_K, SPLIT_K=plan.split_k, **flags,
+    )
+    if plan.split_k > 1:
+        block_m = min(16, triton.next_power_of_2(m))
+        reduce_grid = (triton.cdiv(m, block_m), triton.cdiv(n, _REDUCE_BLOCK_N))
+        _launcher(_w4a8_split_k_reduce_kernel, device)[reduce_grid](
+            target, x_scale, bias, residual, out,
+            m, n, 0 if residual is None else residual.stride(0), out.stride(0),
+            SPLIT_K=plan.split_k, **flags, BLOCK_M=block_m, BLOCK_N=_REDUCE_BLOCK_N,
+        )
+    return out
+
+
+# ---- torch reference ------------------------------------------------------------------------
+
+_ACTIVATION_FNS = {
+    "none": lambda y: y,
+    "relu": torch.relu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda y: F.gelu(y, approximate="tanh"),
+    "silu": F.silu,
+}
+
+
+def w4a8_gemm_reference(
+    x_q: torch.Tensor,
+    x_scale: torch.Tensor,
+    x_zero: torch.Tensor,
+    w_packed: torch.Tensor,
+    w_scales: torch.Tensor,
+    w_group_sums: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    residual: Optional[torch.Tensor] = None,
+    *,
+    group_size: int,
+    activation: str = "none",
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """The kernel's formula in torch, on any device: exact group dots, groups summed in fp32 in
+    increasing g, then the same fp32 epilogue. Differs from the kernel only in fp32 summation
+    order (split-K) and FMA contraction."""
+    _check_arguments(x_q, x_scale, x_zero, w_packed, w_scales, w_group_sums, bias, residual,
+                     group_size, activation, out_dtype, for_kernel=False)
+    (m, k), n = x_q.shape, w_packed.shape[0]
+    n_groups = k // group_size
+    q_w = reference.unpack_int4(w_packed, group_size)
+    # Per-group dots as a float64 batched matmul: exact, every partial sum is an integer of
+    # magnitude <= G * 128 * 8 < 2^53 (and no TF32 or reduced-precision path applies to fp64).
+    x_groups = x_q.reshape(m, n_groups, group_size).permute(1, 0, 2).double()  # (groups, M, G)
+    w_groups = q_w.reshape(n, n_groups, group_size).permute(1, 2, 0).double()  # (groups, G, N)
+    dots = torch.bmm(x_groups, w_groups).to(torch.int64)  # (groups, M, N)
+    corrected = dots - x_zero.to(torch.int64).view(1, m, 1) * w_group_sums.to(torch.int64).t().unsqueeze(1)
+    corrected = corrected.to(torch.float32)
+    scales = w_scales.to(torch.float32).t()  # (groups, N)
+    acc = torch.zeros((m, n), dtype=torch.float32, device=x_q.device)
+    for g in range(n_groups):
+        acc = acc + corrected[g] * scales[g]
+    y = acc * x_scale
+    if bias is not None:
+        y = y + bias.to(torch.float32)
+    y = _ACTIVATION_FNS[activation](y)
+    if residual is not None:
+        y = y + residual.to(torch.float32)
+    return y.to(out_dtype)
