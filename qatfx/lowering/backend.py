@@ -73,8 +73,9 @@ def inductor_options(options: Optional[dict[str, Any]] = None, config: LoweringC
 def qatfx_backend(gm: torch.fx.GraphModule, example_inputs: list, **kwargs: Any):
     """Dynamo backend "qatfx": Inductor with the qatfx lowering pass for this compile.
 
-    Accepts torch.compile's `options=` (Inductor config, merged as in `inductor_options`)
-    and `mode=` (an Inductor mode such as "reduce-overhead" or "max-autotune").
+    Accepts torch.compile's `options=` (Inductor config, merged as in `inductor_options`;
+    they override qatfx's defaults) and `mode=` (an Inductor mode such as
+    "reduce-overhead" or "max-autotune").
     """
     from torch._inductor.compile_fx import compile_fx
 
@@ -83,8 +84,14 @@ def qatfx_backend(gm: torch.fx.GraphModule, example_inputs: list, **kwargs: Any)
     mode = kwargs.pop("mode", None)
     if kwargs:
         raise TypeError(f"backend 'qatfx' got unexpected arguments {sorted(kwargs)}; pass Inductor settings in options=")
-    patches = {**_mode_options(mode), **inductor_options(options, config)}
+    patches = {**_NUMERICS, **_mode_options(mode), **inductor_options(options, config)}
     return compile_fx(gm, example_inputs, config_patches=patches)
+
+
+# Round low-precision intermediates where eager rounds them, so a compiled bf16 model's
+# activation scales are those of the eager converted model (without it, Inductor keeps
+# them in fp32: 0.98% relative RMS difference on a bf16 MLP against 0.32% with it).
+_NUMERICS = {"emulate_precision_casts": True}
 
 
 def _mode_options(mode: Optional[str]) -> dict[str, Any]:

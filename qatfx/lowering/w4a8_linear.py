@@ -10,9 +10,9 @@ Epilogue, in this order: + bias, activation (one of ACTIVATIONS), + residual, ca
 out_dtype. `compute_dtype` is the dtype the unfused graph computed the linear in.
 
 Implementations, chosen by device:
-- GPU (and CPU tensors under TRITON_INTERPRET=1 outside torch.compile): the Triton kernel in
-  `kernels/w4a8_gemm.py`, which uses the integer form of numerics.md (exact int32 group
-  dots, fp32 everywhere else, one rounding to out_dtype at the end).
+- GPU: the Triton kernel in `kernels/w4a8_gemm.py`, which uses the integer form of
+  numerics.md (exact int32 group dots, fp32 everywhere else, one rounding to out_dtype at
+  the end). Its tests call the launcher directly on CPU tensors under TRITON_INTERPRET=1.
 - CPU: dequantize and `F.linear` in compute_dtype, which is the converted model's eager
   formula step for step, so a compiled CPU model matches the eager one.
 In fp32 the two agree up to summation order; in bf16 the kernel skips the bf16 rounding of
@@ -26,12 +26,10 @@ inserts it after AOT autograd, where Inductor calls it as an extern kernel.
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch._subclasses.fake_tensor import is_fake
 
 from qatfx import reference
 from qatfx.spec import ROW
@@ -51,16 +49,6 @@ def apply_activation(y: torch.Tensor, activation: str) -> torch.Tensor:
     if activation == "silu":
         return F.silu(y)
     raise ValueError(f"qatfx.w4a8_linear: unknown activation {activation!r}; expected one of {ACTIVATIONS}")
-
-
-def _use_triton(x: torch.Tensor) -> bool:
-    if x.device.type != "cpu":
-        return True
-    # CPU tensors run the kernel only in the interpreter, only eagerly and on real data:
-    # Inductor's CPU backend cannot emit a user Triton kernel, and the interpreter cannot
-    # run on fake tensors (this function is also the op's fake kernel).
-    interpreting = os.environ.get("TRITON_INTERPRET") == "1"
-    return interpreting and not torch.compiler.is_compiling() and not is_fake(x)
 
 
 def _dequantized_linear(
@@ -89,7 +77,7 @@ def w4a8_linear(
 ) -> torch.Tensor:
     lead, k = x_q.shape[:-1], x_q.shape[-1]
     n = w_packed.shape[0]
-    if _use_triton(x_q):
+    if x_q.device.type != "cpu":
         from qatfx.lowering.kernels.w4a8_gemm import w4a8_gemm
 
         y = w4a8_gemm(

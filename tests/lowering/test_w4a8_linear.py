@@ -27,14 +27,9 @@ def quantized_operands(m_shape=(2, 5), k=128, n=48, group_size=32, dtype=torch.f
     return (x_q, x_scale, x_zero, packed, w_scale, sums), x_fq, w_fq
 
 
-@pytest.fixture
-def cpu_implementation(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("activation", ACTIVATIONS)
-def test_cpu_implementation_is_the_eager_converted_formula(cpu_implementation, dtype, activation):
+def test_cpu_implementation_is_the_eager_converted_formula(dtype, activation):
     operands, x_fq, w_fq = quantized_operands(dtype=dtype)
     bias = torch.randn(48).to(dtype)
     residual = torch.randn(2, 5, 48).to(dtype)
@@ -43,14 +38,14 @@ def test_cpu_implementation_is_the_eager_converted_formula(cpu_implementation, d
     torch.testing.assert_close(out, expected, atol=0, rtol=0)
 
 
-def test_output_cast_is_applied_last(cpu_implementation):
+def test_output_cast_is_applied_last():
     operands, x_fq, w_fq = quantized_operands()
     out = w4a8_linear(*operands, None, None, 32, "none", torch.float32, torch.bfloat16)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out, F.linear(x_fq, w_fq).to(torch.bfloat16), atol=0, rtol=0)
 
 
-def test_unknown_activation_is_refused(cpu_implementation):
+def test_unknown_activation_is_refused():
     operands, _, _ = quantized_operands()
     with pytest.raises(ValueError, match="unknown activation 'tanh'"):
         w4a8_linear(*operands, None, None, 32, "tanh", torch.float32, torch.float32)
