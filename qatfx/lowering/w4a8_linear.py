@@ -60,6 +60,31 @@ def _dequantized_linear(
     return F.linear(x, w, bias)
 
 
+def triton_w4a8_linear(
+    x_q, x_scale, x_zero, w_packed, w_scales, w_group_sums, bias, residual, group_size, activation, out_dtype
+) -> torch.Tensor:
+    """The op through the Triton kernel: (..., K) inputs flattened to the kernel's 2-D form.
+    GPU tensors, or CPU tensors under TRITON_INTERPRET=1 (tests)."""
+    from qatfx.lowering.kernels.w4a8_gemm import w4a8_gemm
+
+    lead, k = x_q.shape[:-1], x_q.shape[-1]
+    n = w_packed.shape[0]
+    y = w4a8_gemm(
+        x_q.reshape(-1, k),
+        x_scale.reshape(-1, 1).float(),
+        x_zero.reshape(-1, 1).float(),
+        w_packed,
+        w_scales,
+        w_group_sums,
+        bias,
+        None if residual is None else residual.reshape(-1, n),
+        group_size=k if group_size == ROW else group_size,
+        activation=activation,
+        out_dtype=out_dtype,
+    )
+    return y.reshape(*lead, n)
+
+
 @torch.library.triton_op("qatfx::w4a8_linear", mutates_args=())
 def w4a8_linear(
     x_q: torch.Tensor,
@@ -75,25 +100,10 @@ def w4a8_linear(
     compute_dtype: torch.dtype,
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
-    lead, k = x_q.shape[:-1], x_q.shape[-1]
-    n = w_packed.shape[0]
     if x_q.device.type != "cpu":
-        from qatfx.lowering.kernels.w4a8_gemm import w4a8_gemm
-
-        y = w4a8_gemm(
-            x_q.reshape(-1, k),
-            x_scale.reshape(-1, 1).float(),
-            x_zero.reshape(-1, 1).float(),
-            w_packed,
-            w_scales,
-            w_group_sums,
-            bias,
-            None if residual is None else residual.reshape(-1, n),
-            group_size=k if group_size == ROW else group_size,
-            activation=activation,
-            out_dtype=out_dtype,
+        return triton_w4a8_linear(
+            x_q, x_scale, x_zero, w_packed, w_scales, w_group_sums, bias, residual, group_size, activation, out_dtype
         )
-        return y.reshape(*lead, n)
     y = _dequantized_linear(x_q, x_scale, x_zero, w_packed, w_scales, group_size, bias, compute_dtype)
     y = apply_activation(y, activation)
     if residual is not None:

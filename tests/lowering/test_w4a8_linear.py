@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from qatfx import reference
-from qatfx.lowering.w4a8_linear import ACTIVATIONS, apply_activation
+from qatfx.lowering.w4a8_linear import ACTIVATIONS, apply_activation, triton_w4a8_linear
 
 EPS = torch.finfo(torch.float32).eps
 w4a8_linear = torch.ops.qatfx.w4a8_linear.default
@@ -49,3 +49,22 @@ def test_unknown_activation_is_refused():
     operands, _, _ = quantized_operands()
     with pytest.raises(ValueError, match="unknown activation 'tanh'"):
         w4a8_linear(*operands, None, None, 32, "tanh", torch.float32, torch.float32)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_triton_path_agrees_with_the_cpu_implementation(activation):
+    # The GPU path of the op (kernel launcher with the (..., K) -> 2-D flattening), run on
+    # CPU tensors by the Triton interpreter (TRITON_INTERPRET=1, set in conftest).
+    operands, x_fq, w_fq = quantized_operands(m_shape=(2, 3), k=128, n=40)
+    bias, residual = torch.randn(40), torch.randn(2, 3, 40)
+    out = triton_w4a8_linear(*operands, bias, residual, 32, activation, torch.float32)
+    expected = w4a8_linear(*operands, bias, residual, 32, activation, torch.float32, torch.float32)
+    # Same function, different fp32 summation order: |error| of either dot product is at
+    # most (K + G) * eps * (|x_fq| @ |w_fq|^T + |bias|) (K-term sum, plus the kernel's group
+    # rescaling). Factor 2: both sides err, and the activations' slope is at most 1.13
+    # (gelu); 2 * eps * |expected| covers the final residual add's rounding.
+    k, g = 128, 32
+    bound = 2 * (k + g) * EPS * (x_fq.abs() @ w_fq.abs().T + bias.abs()) + 2 * EPS * expected.abs()
+    assert out.shape == expected.shape == (2, 3, 40)
+    excess = (out - expected).abs() - bound
+    assert excess.max() <= 0, f"worst element exceeds the bound by {excess.max():.3e} at {divmod(int(excess.argmax()), 40)}"

@@ -2,7 +2,8 @@
 
 Shapes (G = group_size, a power of two >= 32 dividing K):
     x_q (M, K) int8, x_scale (M, 1) fp32, x_zero (M, 1) fp32 holding integers in [-128, 127]
-    w_packed (N, K // 2) uint8, w_scales (N, K // G) fp32 or bf16, w_group_sums (N, K // G) int32
+    w_packed (N, K // 2) uint8, w_scales (N, K // G) fp32 or bf16,
+    w_group_sums (N, K // G) int16 or int32 (`qatfx.reference.int4_group_sums`)
     bias (N,) or None, residual (M, N) or None  ->  out (M, N) out_dtype
 
 Formula (the integer form of docs/numerics.md):
@@ -15,13 +16,12 @@ exactly for G <= 2^13 (|dot_g - z_t * wsum| <= 2 * 128 * 8 * G).
 Pack layout (`qatfx.reference.pack_int4(q, tile=G)`): group g of row n is the G // 2
 contiguous bytes w_packed[n, g*G/2 : (g+1)*G/2]; byte j holds element j of the group in its
 low nibble and element j + G/2 in its high nibble, two's complement. So a group is two dots
-on contiguous halves, dot(x[first half], lo) + dot(x[second half], hi), with no interleave.
+on contiguous halves, dot(x[first half], lo) + dot(x[second half], hi), with no interleave
+(at G = 32 the halves are rejoined into one K = 32 dot, see _MIN_INT8_DOT_K).
 
-Two paths, chosen by M (see `launch_plan`):
-- large M (prefill): grid (M tiles * N tiles, 1); the epilogue is fused in the GEMM kernel.
-- small M (decode): the groups are split over SPLIT_K programs per tile, each writing fp32
-  partials to a (SPLIT_K, M, N) workspace; a second kernel sums them in split order
-  (deterministic, no atomics) and applies the same epilogue.
+Paths (`launch_plan`): large M fuses the epilogue into the GEMM kernel; small M (decode)
+splits the groups over SPLIT_K programs writing fp32 partials (SPLIT_K, M, N), which a second
+kernel sums in split order (deterministic, no atomics) before the same epilogue.
 
 `w4a8_gemm_reference` computes the same function in torch on any device. On CPU tensors the
 kernels run only under TRITON_INTERPRET=1 (set before importing this module).
@@ -45,6 +45,7 @@ logger = logging.getLogger(__name__)
 SUPPORTED_ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu")
 SUPPORTED_OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SUPPORTED_SCALE_DTYPES = (torch.float32, torch.bfloat16)
+SUPPORTED_GROUP_SUM_DTYPES = (torch.int16, torch.int32)  # convert writes int16 for G <= 4096
 
 # Read once: triton.jit picks the interpreter at decoration time from the same variable.
 _INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -133,7 +134,7 @@ def _unpack_nibbles(w_ptrs, n_mask):
 def _w4a8_gemm_kernel(
     # int8 activations (M, K); per-token scale and zero point (M, 1) fp32
     x_ptr, x_scale_ptr, x_zero_ptr,
-    # packed int4 weights (N, K // 2) uint8; group scales (N, K // G); group sums (N, K // G) int32
+    # packed int4 weights (N, K // 2) uint8; group scales and int16/int32 group sums (N, K // G)
     w_ptr, w_scale_ptr, w_sum_ptr,
     # epilogue operands: bias (N,) and residual (M, N), None when absent
     bias_ptr, residual_ptr,
@@ -141,7 +142,7 @@ def _w4a8_gemm_kernel(
     out_ptr,
     # sizes; M_BUCKET (next power of two of M) only keys the autotuner
     M, N, K, M_BUCKET, groups_per_split,
-    # row strides; every operand's last dim is contiguous
+    # row strides (stride_sn: of scales and sums alike); every last dim is contiguous
     stride_xm, stride_wn, stride_sn, stride_rm, stride_om,
     # problem constants chosen by the launcher
     GROUP_SIZE: tl.constexpr, CHUNK_BYTES: tl.constexpr, JOIN_HALVES: tl.constexpr,
@@ -170,20 +171,21 @@ def _w4a8_gemm_kernel(
     for g in range(g_start, g_end):
         dot = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
         for c in range(0, HALF // CHUNK_BYTES):
-            k_lo = g * GROUP_SIZE + c * CHUNK_BYTES + offs_c  # K index of the low nibbles
             lo, hi = _unpack_nibbles(w_cols + (g * HALF + c * CHUNK_BYTES + offs_c)[:, None], n_mask)
             if JOIN_HALVES:
-                # One (BLOCK_M, G) x (G, BLOCK_N) dot: rows [lo; hi] are the group in K order.
-                w = tl.reshape(tl.permute(tl.join(lo, hi), (2, 0, 1)), (2 * CHUNK_BYTES, BLOCK_N))
-                x = tl.load(x_rows + (g * GROUP_SIZE + tl.arange(0, 2 * CHUNK_BYTES))[None, :],
+                # One chunk per half here (CHUNK_BYTES == HALF): one (BLOCK_M, G) x (G, BLOCK_N)
+                # dot, whose rows [lo; hi] are the group in K order.
+                w = tl.reshape(tl.permute(tl.join(lo, hi), (2, 0, 1)), (GROUP_SIZE, BLOCK_N))
+                x = tl.load(x_rows + (g * GROUP_SIZE + tl.arange(0, GROUP_SIZE))[None, :],
                             mask=m_mask[:, None], other=0)
                 dot = tl.dot(x, w, acc=dot, out_dtype=tl.int32)
             else:
+                k_lo = g * GROUP_SIZE + c * CHUNK_BYTES + offs_c  # K index of the low nibbles
                 x_lo = tl.load(x_rows + k_lo[None, :], mask=m_mask[:, None], other=0)
                 x_hi = tl.load(x_rows + (k_lo + HALF)[None, :], mask=m_mask[:, None], other=0)
                 dot = tl.dot(x_lo, lo, acc=dot, out_dtype=tl.int32)
                 dot = tl.dot(x_hi, hi, acc=dot, out_dtype=tl.int32)
-        wsum = tl.load(w_sum_ptr + offs_n * stride_sn + g, mask=n_mask, other=0)
+        wsum = tl.load(w_sum_ptr + offs_n * stride_sn + g, mask=n_mask, other=0).to(tl.int32)
         scale = tl.load(w_scale_ptr + offs_n * stride_sn + g, mask=n_mask, other=0.0).to(tl.float32)
         # The zero-point correction is exact in int32; only then does the group go to fp32.
         corrected = dot - zero_t[:, None] * wsum[None, :]
@@ -241,13 +243,8 @@ if _INTERPRETING:
     _LARGE_M_CONFIGS = [_config(32, 32, 1, 4, 1)]
     _SMALL_M_CONFIGS = [_config(16, 32, 1, 4, 1)]
 else:
-    _LARGE_M_CONFIGS = [
-        _config(128, 128, 8, 8, 3),
-        _config(128, 64, 8, 4, 4),
-        _config(64, 128, 8, 4, 4),
-        _config(64, 64, 8, 4, 4),
-        _config(32, 64, 8, 4, 4),
-    ]
+    _LARGE_M_CONFIGS = [_config(128, 128, 8, 8, 3), _config(128, 64, 8, 4, 4), _config(64, 128, 8, 4, 4),
+                        _config(64, 64, 8, 4, 4), _config(32, 64, 8, 4, 4)]
     _SMALL_M_CONFIGS = [_config(16, n, 1, 4, s) for n in (32, 64, 128) for s in (3, 4)]
 
 _REDUCE_BLOCK_N = 32 if _INTERPRETING else 128
@@ -331,7 +328,7 @@ def _check_arguments(x_q, x_scale, x_zero, w_packed, w_scales, w_group_sums, bia
     for name, t, dtype, shape in (("x_scale", x_scale, (torch.float32,), (m, 1)),
                                   ("x_zero", x_zero, (torch.float32,), (m, 1)),
                                   ("w_scales", w_scales, SUPPORTED_SCALE_DTYPES, (n, n_groups)),
-                                  ("w_group_sums", w_group_sums, (torch.int32,), (n, n_groups))):
+                                  ("w_group_sums", w_group_sums, SUPPORTED_GROUP_SUM_DTYPES, (n, n_groups))):
         _require(t.dtype in dtype and tuple(t.shape) == shape,
                  f"{name} must be {shape} with dtype in {dtype}, got {t.dtype} {tuple(t.shape)}")
     for name, t, shape in (("bias", bias, (n,)), ("residual", residual, (m, n))):
@@ -342,9 +339,8 @@ def _check_arguments(x_q, x_scale, x_zero, w_packed, w_scales, w_group_sums, bia
              f"activation must be one of {SUPPORTED_ACTIVATIONS}, got {activation!r}")
     _require(out_dtype in SUPPORTED_OUT_DTYPES,
              f"out_dtype must be one of {SUPPORTED_OUT_DTYPES}, got {out_dtype}")
-    tensors = [t for t in (x_scale, x_zero, w_packed, w_scales, w_group_sums, bias, residual)
-               if t is not None]
-    _require(all(t.device == x_q.device for t in tensors),
+    tensors = (x_scale, x_zero, w_packed, w_scales, w_group_sums, bias, residual)
+    _require(all(t is None or t.device == x_q.device for t in tensors),
              f"all tensors must be on x_q's device {x_q.device}; move them with .to(x_q.device)")
 
 
@@ -362,18 +358,10 @@ def _launcher(kernel, device: torch.device):
 
 
 def w4a8_gemm(
-    x_q: torch.Tensor,
-    x_scale: torch.Tensor,
-    x_zero: torch.Tensor,
-    w_packed: torch.Tensor,
-    w_scales: torch.Tensor,
-    w_group_sums: torch.Tensor,
-    bias: Optional[torch.Tensor] = None,
-    residual: Optional[torch.Tensor] = None,
-    *,
-    group_size: int,
-    activation: str = "none",
-    out_dtype: torch.dtype = torch.float32,
+    x_q: torch.Tensor, x_scale: torch.Tensor, x_zero: torch.Tensor,
+    w_packed: torch.Tensor, w_scales: torch.Tensor, w_group_sums: torch.Tensor,
+    bias: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None,
+    *, group_size: int, activation: str = "none", out_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """(M, K) int8 x (N, K // 2) packed int4 -> (M, N) out_dtype; see the module docstring."""
     _check_arguments(x_q, x_scale, x_zero, w_packed, w_scales, w_group_sums, bias, residual,
@@ -382,10 +370,9 @@ def w4a8_gemm(
     out = torch.empty((m, n), dtype=out_dtype, device=device)
     if m == 0 or n == 0:
         return out
-    x_q, x_scale, x_zero, w_packed, w_scales, w_group_sums = (
-        t.contiguous() for t in (x_q, x_scale, x_zero, w_packed, w_scales, w_group_sums))
-    bias = None if bias is None else bias.contiguous()
-    residual = None if residual is None else residual.contiguous()
+    x_q, x_scale, x_zero, w_packed, w_scales, w_group_sums, bias, residual = (
+        None if t is None else t.contiguous()  # no copy when already contiguous
+        for t in (x_q, x_scale, x_zero, w_packed, w_scales, w_group_sums, bias, residual))
     plan = launch_plan(m, n, k, group_size, device)
     logger.debug("w4a8_gemm M=%d N=%d K=%d G=%d: %s", m, n, k, group_size, plan)
 
@@ -395,7 +382,10 @@ def w4a8_gemm(
     target = out if plan.split_k == 1 else torch.empty((plan.split_k, m, n), dtype=torch.float32,
                                                        device=device)
     gemm = _small_m_gemm if plan.small_m else _large_m_gemm
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), plan.split_k)  # noqa: E731
+
+    def grid(meta: dict) -> tuple[int, int]:
+        return triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), plan.split_k
+
     _launcher(gemm, device)[grid](
         x_q, x_scale, x_zero, w_packed, w_scales, w_group_sums, bias, residual, target,
         m, n, k, triton.next_power_of_2(m), plan.groups_per_split,
@@ -417,28 +407,15 @@ def w4a8_gemm(
 
 # ---- torch reference ------------------------------------------------------------------------
 
-_ACTIVATION_FNS = {
-    "none": lambda y: y,
-    "relu": torch.relu,
-    "gelu": F.gelu,
-    "gelu_tanh": lambda y: F.gelu(y, approximate="tanh"),
-    "silu": F.silu,
-}
+_ACTIVATION_FNS = {"none": lambda y: y, "relu": torch.relu, "gelu": F.gelu,
+                   "gelu_tanh": lambda y: F.gelu(y, approximate="tanh"), "silu": F.silu}
 
 
 def w4a8_gemm_reference(
-    x_q: torch.Tensor,
-    x_scale: torch.Tensor,
-    x_zero: torch.Tensor,
-    w_packed: torch.Tensor,
-    w_scales: torch.Tensor,
-    w_group_sums: torch.Tensor,
-    bias: Optional[torch.Tensor] = None,
-    residual: Optional[torch.Tensor] = None,
-    *,
-    group_size: int,
-    activation: str = "none",
-    out_dtype: torch.dtype = torch.float32,
+    x_q: torch.Tensor, x_scale: torch.Tensor, x_zero: torch.Tensor,
+    w_packed: torch.Tensor, w_scales: torch.Tensor, w_group_sums: torch.Tensor,
+    bias: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None,
+    *, group_size: int, activation: str = "none", out_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """The kernel's formula in torch, on any device: exact group dots, groups summed in fp32 in
     increasing g, then the same fp32 epilogue. Differs from the kernel only in fp32 summation
