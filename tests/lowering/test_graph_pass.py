@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch._dynamo.utils import counters
-from torch._inductor.utils import run_and_get_code
+from torch._inductor.utils import fresh_cache, run_and_get_code
 from torch.testing import FileCheck
 
 import qatfx
@@ -22,7 +22,8 @@ def converted(model, example, group_size=32):
 
 def compile_and_run(module, x, **compile_kwargs):
     counters.clear()
-    with torch.no_grad():
+    # A fresh Inductor cache: a cached graph would skip the pass and leave the counters empty.
+    with torch.no_grad(), fresh_cache():
         expected = module(x)
         out, code = run_and_get_code(torch.compile(module, **compile_kwargs), x)
     return expected, out, "\n".join(code)

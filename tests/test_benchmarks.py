@@ -1,0 +1,28 @@
+"""The benchmark scripts run end to end in their `--device cpu` smoke mode (every variant
+is checked for correctness before it is timed, and a failed check exits non-zero)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(
+    "script, args, expected",
+    [
+        ("bench_w4a8_gemm.py", ["--quick"], "qatfx fused (incl. act quant)"),
+        ("bench_decode.py", [], "qatfx 8da4w"),
+    ],
+)
+def test_cpu_smoke_run_writes_its_table(tmp_path, script, args, expected):
+    out = tmp_path / "result.md"
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), "--device", "cpu", "--out", str(out), *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    table = out.read_text()
+    assert expected in table and "| " in table
