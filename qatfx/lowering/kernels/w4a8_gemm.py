@@ -115,7 +115,7 @@ def _tile_coordinates(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SWIZZL
     num_pid_n = tl.cdiv(N, BLOCK_N)
     pids_per_band = SWIZZLE_M * num_pid_n
     first_pid_m = (pid // pids_per_band) * SWIZZLE_M
-    band_m = min(num_pid_m - first_pid_m, SWIZZLE_M)
+    band_m = tl.minimum(num_pid_m - first_pid_m, SWIZZLE_M)
     pid_m = first_pid_m + (pid % pids_per_band) % band_m
     pid_n = (pid % pids_per_band) // band_m
     return pid_m, pid_n
@@ -166,7 +166,7 @@ def _w4a8_gemm_kernel(
 
     n_groups = K // GROUP_SIZE
     g_start = pid_k * groups_per_split
-    g_end = min(g_start + groups_per_split, n_groups)
+    g_end = tl.minimum(g_start + groups_per_split, n_groups)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for g in range(g_start, g_end):
         dot = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
