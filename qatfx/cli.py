@@ -1,0 +1,113 @@
+"""The `qatfx` command (also `python -m qatfx`).
+
+    qatfx demo [--preset tiny|default|full] [--seeds N] [--text FILE] [--out DIR]
+    qatfx finetune --model HF_DIR|builtin:charlm --text FILE --out DIR [--group-size G] ...
+    qatfx eval --model DIR --text FILE
+
+Bad arguments (a missing or non-text file, a group size that does not divide the model's
+linear sizes) are reported before any work starts, with exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return number
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qatfx", description="Quantization-aware training (8da4w) for PyTorch.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser("demo", help="QAT vs PTQ on an embedded corpus, with a float control")
+    demo.add_argument("--preset", choices=("tiny", "default", "full"), default="default")
+    demo.add_argument("--seeds", type=_positive_int, default=1, help="fine-tuning seeds; reports mean and spread")
+    demo.add_argument("--text", type=Path, help="your own UTF-8 text file instead of the embedded corpus")
+    demo.add_argument("--out", type=Path, default=Path("qatfx_demo"), help="report directory (default: qatfx_demo)")
+    demo.add_argument("--cache-dir", type=Path, help="corpus and float-model cache (default: $QATFX_CACHE_DIR or ~/.cache/qatfx)")
+
+    finetune = commands.add_parser("finetune", help="QAT-fine-tune your causal LM on your text, then convert")
+    finetune.add_argument("--model", required=True, help="a transformers checkpoint directory, or builtin:charlm")
+    finetune.add_argument("--text", type=Path, required=True, help="UTF-8 text file (last 5%% held out for test)")
+    finetune.add_argument("--out", type=Path, required=True, help="output directory")
+    finetune.add_argument("--group-size", type=_positive_int, default=32)
+    finetune.add_argument("--steps", type=_positive_int, default=100)
+    finetune.add_argument("--lr", type=float, default=1e-4)
+    finetune.add_argument("--fake-quant-after", type=int, default=0, help="train in float for N steps first (torchtune's fake_quant_after_n_steps)")
+    finetune.add_argument("--batch-size", type=_positive_int, default=8)
+    finetune.add_argument("--seq-len", type=_positive_int, default=128)
+    finetune.add_argument("--eager", action="store_true", help="train without torch.compile (debugging, tiny models)")
+
+    evaluate = commands.add_parser("eval", help="test perplexity of a finetune output (or a float model) on a text file")
+    evaluate.add_argument("--model", required=True, help="a `qatfx finetune` output directory, a transformers directory, or builtin:charlm")
+    evaluate.add_argument("--text", type=Path, required=True)
+    evaluate.add_argument("--seq-len", type=_positive_int, default=128)
+    return parser
+
+
+def _check_model_source(parser: argparse.ArgumentParser, model: str) -> None:
+    from qatfx.recipes.finetune import BUILTIN_MODELS
+
+    if model in BUILTIN_MODELS:
+        return
+    path = Path(model)
+    if not path.is_dir():
+        parser.error(f"--model {model}: not a directory; give a transformers checkpoint directory or one of {sorted(BUILTIN_MODELS)}")
+    if not (path / "config.json").exists() and not (path / "qatfx_model.json").exists():
+        parser.error(f"--model {model}: no config.json (a transformers save_pretrained directory) or qatfx_model.json (a finetune output)")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from qatfx.recipes.corpus import CorpusError, load_text
+
+    try:
+        if args.text is not None:
+            load_text(args.text)  # fail early on a missing, empty or binary file
+        if args.command in ("finetune", "eval"):
+            _check_model_source(parser, args.model)
+        return _run(args)
+    except (CorpusError, ValueError) as error:
+        parser.error(str(error))  # exits with status 2
+    return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "demo":
+        from qatfx.recipes.demo import run_demo
+        from qatfx.recipes.report import markdown_report, write_report
+
+        result = run_demo(args.preset, args.seeds, args.text, args.cache_dir)
+        paths = write_report(result, args.out)
+        sys.stdout.write(markdown_report(result) + "\n" + "\n".join(f"{k}: {p}" for k, p in paths.items()) + "\n")
+        return 0
+    if args.command == "finetune":
+        from qatfx.recipes.finetune import FinetuneOptions, finetune
+
+        options = FinetuneOptions(
+            model=args.model, text=args.text, out=args.out, group_size=args.group_size, steps=args.steps,
+            lr=args.lr, fake_quant_after=args.fake_quant_after, batch_size=args.batch_size, seq_len=args.seq_len,
+            compile=not args.eager,
+        )
+        report = finetune(options)
+        sys.stdout.write((args.out / "report.md").read_text())
+        return 0 if report else 1
+    from qatfx.recipes.finetune import evaluate
+
+    sys.stdout.write(f"test perplexity: {evaluate(args.model, args.text, args.seq_len):.4f}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

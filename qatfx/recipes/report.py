@@ -1,0 +1,115 @@
+"""The demo's report: a markdown table, a JSON file, and two PNG plots.
+
+Every number says where it comes from: perplexities are exp(mean next-token NLL) on the
+held-out test split (a prefix of it, see the preset), the QAT column is the *converted*
+model's (equal to the fake-quant model's: checked), bytes are the module's tensors.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from qatfx.recipes.demo import DemoResult, mean_and_spread, recovered
+
+
+def _fmt(values: list[float]) -> str:
+    mean, spread = mean_and_spread(values)
+    return f"{mean:.4f}" if len(values) == 1 else f"{mean:.4f} ± {spread:.4f}"
+
+
+def _pct(value: float, reference: float) -> str:
+    return f"{100 * (value / reference - 1):+.2f}%"
+
+
+def _recovered_cell(row) -> str:
+    shares = [recovered(c, p, q) for c, p, q in zip(row.control_ppl, row.ptq_ppl, row.qat_ppl)]
+    known = [s for s in shares if s is not None]
+    if not known:
+        return "n/a (PTQ lost nothing)"
+    mean, spread = mean_and_spread(known)
+    text = f"{100 * mean:.0f}%" if len(known) == 1 else f"{100 * mean:.0f}% ± {100 * spread:.0f}%"
+    return text if len(known) == len(shares) else f"{text} ({len(known)}/{len(shares)} seeds)"
+
+
+def markdown_table(result: DemoResult) -> str:
+    lines = [
+        "| weights (activations int8 per token) | float control | PTQ | QAT | QAT recovers | bytes |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in result.rows:
+        control = mean_and_spread(row.control_ppl)[0]
+        ptq, qat = mean_and_spread(row.ptq_ppl)[0], mean_and_spread(row.qat_ppl)[0]
+        lines.append(
+            f"| {row.scheme} | {_fmt(row.control_ppl)} | {_fmt(row.ptq_ppl)} ({_pct(ptq, control)}) "
+            f"| {_fmt(row.qat_ppl)} ({_pct(qat, control)}) | {_recovered_cell(row)} "
+            f"| {row.converted_bytes / 1e6:.2f} MB |"
+        )
+    return "\n".join(lines)
+
+
+def markdown_report(result: DemoResult) -> str:
+    seeds = len(result.seeds)
+    return "\n".join([
+        f"# qatfx demo: QAT vs PTQ ({result.preset} preset)",
+        "",
+        f"- corpus: {result.corpus}",
+        f"- model: Llama-style character LM, {result.parameters / 1e6:.2f}M parameters, {result.model}",
+        f"- float model (before the extra steps): test perplexity {result.float_ppl:.4f}, {result.float_bytes / 1e6:.2f} MB",
+        f"- seeds: {seeds} (fine-tuning batch order); cells are mean ± sample std over seeds" if seeds > 1 else "- seeds: 1",
+        "- perplexity: exp(mean next-token NLL) on the held-out test split; lower is better",
+        "- float control: the float model fine-tuned for the same extra steps as QAT;",
+        "  PTQ: that control converted directly; QAT: the float model fine-tuned with fake-quant, then converted",
+        "- QAT recovers: (PTQ - QAT) / (PTQ - control), per seed, then averaged",
+        "- the converted QAT model's perplexity equals the fake-quant model's on every row (checked)",
+        f"- run time: {result.seconds:.0f} s",
+        "",
+        markdown_table(result),
+        "",
+    ])
+
+
+def write_report(result: DemoResult, out_dir: Path) -> dict[str, Path]:
+    """report.md, report.json, training_curves.png, perplexity.png under `out_dir`."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"markdown": out_dir / "report.md", "json": out_dir / "report.json"}
+    paths["markdown"].write_text(markdown_report(result))
+    paths["json"].write_text(json.dumps(asdict(result), indent=2))
+    paths.update(_plots(result, out_dir))
+    return paths
+
+
+def _plots(result: DemoResult, out_dir: Path) -> dict[str, Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    curves_path, bars_path = out_dir / "training_curves.png", out_dir / "perplexity.png"
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for label, losses in result.curves.items():
+        if losses and not label.startswith("float pretraining"):
+            ax.plot(losses, label=label, linewidth=1)
+    ax.set(xlabel="fine-tuning step", ylabel="training loss (nats/char)", title="Float control and QAT fine-tuning")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(curves_path, dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    names = [row.scheme for row in result.rows]
+    width = 0.27
+    for i, (label, attr) in enumerate((("float control", "control_ppl"), ("PTQ", "ptq_ppl"), ("QAT", "qat_ppl"))):
+        stats = [mean_and_spread(getattr(row, attr)) for row in result.rows]
+        xs = [j + (i - 1) * width for j in range(len(names))]
+        ax.bar(xs, [m for m, _ in stats], width, yerr=[s for _, s in stats], label=label)
+    ax.set_xticks(range(len(names)), names)
+    low = min(min(row.control_ppl) for row in result.rows)
+    ax.set_ylim(bottom=low * 0.98)
+    ax.set(ylabel="test perplexity", title="Test perplexity by weight scheme")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(bars_path, dpi=120)
+    plt.close(fig)
+    return {"curves": curves_path, "perplexity": bars_path}

@@ -1,0 +1,106 @@
+"""Training and evaluation loops shared by the demo and `qatfx finetune`.
+
+Training runs through `torch.compile` of whatever module it is given (a float model or a
+prepared QAT graph), as a user would run it. Perplexity is computed eagerly under no_grad
+on non-overlapping windows, so a prepared model and its converted model are evaluated on
+exactly the same computation (the numerics contract says their logits are bit-identical).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int
+    batch_size: int = 16
+    seq_len: int = 128
+    lr: float = 3e-3
+    warmup_steps: int = 20
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    seed: int = 0
+
+
+def random_windows(tokens: torch.Tensor, batch_size: int, length: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """Endless (batch, length) windows at random offsets of a 1-D token tensor."""
+    if tokens.numel() <= length:
+        raise ValueError(f"the training text has {tokens.numel()} tokens, fewer than one window of {length + 1}")
+    while True:
+        starts = torch.randint(0, tokens.numel() - length, (batch_size,), generator=generator)
+        yield torch.stack([tokens[s : s + length] for s in starts.tolist()])
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+
+def _lr_at(step: int, config: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to 10%."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train(
+    model: nn.Module,
+    tokens: torch.Tensor,
+    config: TrainConfig,
+    *,
+    desc: str = "train",
+    step_hook: Optional[object] = None,
+    compile: bool = True,
+) -> list[float]:
+    """Train `model` in place on random windows of `tokens`; returns the loss per step.
+
+    `step_hook(step)` is called before each step (e.g. qatfx.FakeQuantAfterNSteps)."""
+    generator = torch.Generator().manual_seed(config.seed)
+    windows = random_windows(tokens, config.batch_size, config.seq_len + 1, generator)
+    model.train()
+    forward = torch.compile(model) if compile else model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    losses = []
+    bar = tqdm(range(config.steps), desc=desc, leave=False, dynamic_ncols=True)
+    for step in bar:
+        if step_hook is not None:
+            step_hook(step)
+        for group in optimizer.param_groups:
+            group["lr"] = _lr_at(step, config)
+        batch = next(windows)
+        loss = lm_loss(forward(batch[:, :-1]), batch[:, 1:])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    model.eval()
+    return losses
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, tokens: torch.Tensor, seq_len: int, batch_size: int = 16, desc: str = "eval") -> float:
+    """exp(mean next-token NLL) over non-overlapping windows of `tokens` (eager, no_grad)."""
+    model.eval()
+    window = seq_len + 1
+    n_windows = (tokens.numel() - 1) // seq_len
+    if n_windows < 1:
+        raise ValueError(f"the evaluation text has {tokens.numel()} tokens, fewer than one window of {window}")
+    starts = [i * seq_len for i in range(n_windows)]
+    total, count = 0.0, 0
+    for i in tqdm(range(0, n_windows, batch_size), desc=desc, leave=False, dynamic_ncols=True):
+        batch = torch.stack([tokens[s : s + window] for s in starts[i : i + batch_size]])
+        logits = model(batch[:, :-1])
+        nll = F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum")
+        total += nll.item()
+        count += batch[:, 1:].numel()
+    return math.exp(total / count)
