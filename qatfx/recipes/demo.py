@@ -83,8 +83,8 @@ PRESETS = {
     # `qatfx demo`: about 0.9M parameters. hidden 384 = 3 x 128, so g128 divides every K.
     "default": Preset(
         dict(dim=128, layers=4, heads=4, hidden=384, max_seq=128),
-        TrainConfig(steps=600, batch_size=16, seq_len=128, lr=3e-3, warmup_steps=30),
-        finetune_steps=150, finetune_lr=1e-3, eval_chars=32_768,
+        TrainConfig(steps=500, batch_size=16, seq_len=128, lr=3e-3, warmup_steps=30),
+        finetune_steps=100, finetune_lr=1e-3, eval_chars=32_768,
         schemes=("int4 g32", "int4 g128", "int4 per-channel", "int3 per-channel"),
     ),
     # `--preset full`: 3.4M parameters, longer training, every row incl. g256.
