@@ -8,6 +8,7 @@ the per-layer report and the stage ("prepared" / "converted") through `copy.deep
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Optional
 
 import torch
@@ -15,6 +16,14 @@ import torch.fx
 
 from qatfx.passes.infra import run_pass
 from qatfx.passes.train_eval import graph_training_mode, set_training_mode
+
+
+def _deepcopy_graph_module(deepcopy, memo):
+    # torch >= 2.13 warns from inside its own GraphModule deepcopy (its pytree codegen
+    # still checks `isinstance(spec, LeafSpec)`); nothing a user can act on, so keep it quiet.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
+        return deepcopy(memo)
 
 
 class QATGraphModule(torch.fx.GraphModule):
@@ -32,7 +41,7 @@ class QATGraphModule(torch.fx.GraphModule):
         return self
 
     def __deepcopy__(self, memo):
-        res = super().__deepcopy__(memo)
+        res = _deepcopy_graph_module(super().__deepcopy__, memo)
         for attr in self._QATFX_ATTRS:
             setattr(res, attr, copy.deepcopy(getattr(self, attr, None), memo))
         res.training = self.training
@@ -43,7 +52,7 @@ def copy_sharing_tensors(gm: torch.fx.GraphModule) -> QATGraphModule:
     """A QATGraphModule with its own graph and submodules but the same parameter and buffer
     tensors as `gm` (no memory copy; `gm` itself is left untouched)."""
     memo = {id(t): t for t in (*gm.parameters(), *gm.buffers())}
-    copied = copy.deepcopy(gm, memo)
+    copied = _deepcopy_graph_module(lambda m: copy.deepcopy(gm, m), memo)
     if isinstance(copied, QATGraphModule):
         return copied
     module = QATGraphModule(copied, copied.graph)
