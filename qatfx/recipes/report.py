@@ -63,6 +63,8 @@ def markdown_report(result: DemoResult) -> str:
         "  PTQ: that control converted directly; QAT: the float model fine-tuned with fake-quant, then converted",
         "- QAT recovers: (PTQ - QAT) / (PTQ - control), per seed, then averaged",
         "- the converted QAT model's perplexity equals the fake-quant model's on every row (checked)",
+        "- bytes: the converted model's tensors (packed int4 two per byte with fp32 scales; int3 codes are kept one per "
+        "byte, qatfx packs only int4; embeddings and norms stay float)",
         f"- run time: {result.seconds:.0f} s",
         "",
         markdown_table(result),
