@@ -23,6 +23,7 @@ from qatfx.quantizer import (
     Int8WeightOnlyQuantizer,
     Quantizer,
 )
+from qatfx.serialization import SerializationError, load, save
 from qatfx.spec import PerChannel, PerGroup, PerTensor, PerToken, QuantSpec
 from qatfx.summary import QuantizationSummary, summary
 
@@ -40,11 +41,14 @@ __all__ = [
     "QuantSpec",
     "QuantizationSummary",
     "Quantizer",
+    "SerializationError",
     "convert_pt2e",
     "disable_fake_quant",
     "enable_fake_quant",
     "fake_quant_enabled",
+    "load",
     "prepare_pt2e",
     "prepare_qat_pt2e",
+    "save",
     "summary",
 ]

@@ -14,6 +14,7 @@ from qatfx.module import QATGraphModule, copy_sharing_tensors
 from qatfx.passes.annotate import annotate_pass
 from qatfx.passes.convert import convert
 from qatfx.passes.fake_quant_toggle import set_fake_quant_enabled
+from qatfx.passes.finite_check import check_finite_requested, insert_finite_checks, warn_non_finite_weights
 from qatfx.passes.infra import run_pass
 from qatfx.passes.insert_fake_quant import fake_quant_nodes, insert_fake_quant
 from qatfx.quantizer import Quantizer
@@ -33,6 +34,7 @@ def prepare_pt2e(
     dynamic_shapes: Any = None,
     strict: bool = False,
     dump_dir: PathLike = None,
+    check_finite: Optional[bool] = None,
 ) -> QATGraphModule:
     """Capture `model` with torch.export and insert fake-quant around its linear layers.
 
@@ -42,6 +44,10 @@ def prepare_pt2e(
         (training updates them in place, as torchao's QAT does; deepcopy the model first to
         keep a float copy).
     dump_dir: write each pass's graph before/after here (or set QATFX_DUMP_DIR).
+    check_finite: warn (NonFiniteWarning, naming the layers) whenever a linear input holds
+        NaN/inf at run time; costs a copy of each linear input, so off by default (None
+        reads QATFX_CHECK_FINITE=1). Non-finite weights are always reported, at prepare
+        and at convert.
 
     Returns a QATGraphModule in the model's train/eval mode; `qatfx.summary(m)` lists
     quantized and skipped layers.
@@ -62,7 +68,10 @@ def prepare_pt2e(
             f"{quantizer!r} found nothing to quantize: "
             + (f"every linear layer was skipped ({reasons})" if reasons else "the model has no linear layers (aten.linear, or matmul/addmm with a parameter)")
         )
+    warn_non_finite_weights(gm, "prepare_pt2e")
     run_pass(gm, "insert_fake_quant", insert_fake_quant, dump_dir=dump_dir)
+    if check_finite_requested(check_finite):
+        run_pass(gm, "check_finite", insert_finite_checks, dump_dir=dump_dir)
     gm.qatfx_stage = "prepared"
     for report in gm.qatfx_layers:
         if not report.quantized:
@@ -147,3 +156,17 @@ class FakeQuantAfterNSteps:
         if self.steps_done == self.n_steps:
             enable_fake_quant(self.module)
             log.info("qatfx: fake-quant enabled after %d steps", self.n_steps)
+
+    def state_dict(self) -> dict:
+        """The step counter, saved beside the optimizer's state to resume a run."""
+        return {"n_steps": self.n_steps, "steps_done": self.steps_done}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue a saved schedule: fake-quant is switched on at the same step as in the
+        uninterrupted run (and is on already if the saved run had passed n_steps)."""
+        if state["n_steps"] != self.n_steps:
+            raise ValueError(f"the saved schedule switches after {state['n_steps']} steps, this one after {self.n_steps}")
+        self.steps_done = state["steps_done"]
+        enabled = self.steps_done >= self.n_steps
+        if fake_quant_enabled(self.module) != enabled:  # an unchanged graph keeps its compiled code
+            _set_fake_quant(self.module, enabled)

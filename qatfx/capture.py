@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
+import re
 from typing import Any, Optional
 
 import torch
@@ -16,7 +18,9 @@ log = logging.getLogger("qatfx.capture")
 
 
 class CaptureError(RuntimeError):
-    """torch.export could not capture the model; the message carries the exporter's reason."""
+    """torch.export could not capture the model (or captured a graph that cannot run); the
+    message carries the exporter's reason, where in the model it failed, and what to try.
+    The exporter's own exception is chained as `__cause__`."""
 
 
 def automatic_dynamic_shapes(args: tuple, kwargs: dict):
@@ -36,6 +40,155 @@ def automatic_dynamic_shapes(args: tuple, kwargs: dict):
         return {d: Dim.AUTO for d in range(value.dim())}
 
     return pytree.tree_map(spec, (args, kwargs)) if kwargs else pytree.tree_map(spec, args)
+
+
+# ---- explaining an export failure ---------------------------------------------------------
+
+_MAX_REASON_LINES = 6
+# A frame of the user's model in the exporter's message (strict: "# File ..., code: ...",
+# non-strict: 'File "...", line N, in f' then the code line).
+_FRAME = re.compile(r'File "?([^",]+)"?, line (\d+), in (\w+)(?:, code: (.*)|\n\s+(\S.*))?')
+_VIOLATED = re.compile(r"Constraints violated \((.*?)\)!")
+_SOURCE_DIM = re.compile(r"L\['(\w+)'\]\.size\(\)\[(\d+)\]")
+_UNKNOWN_TYPE = re.compile(r"<class '([\w.]+)'>")
+
+
+def _reason(text: str) -> str:
+    """The first line of the exporter's message plus the lines that say what to change
+    (constraint bullets, suggested fixes), without its debugging boilerplate."""
+    lines = [line.rstrip() for line in text.strip().splitlines()]
+    keep = lines[:1]
+    in_fixes = False
+    for line in lines[1:]:
+        stripped = line.strip()
+        if stripped.startswith("- ") or stripped.startswith("Suggested fixes"):
+            keep.append(line)
+            in_fixes = stripped.startswith("Suggested fixes") or in_fixes
+        elif in_fixes and line.startswith("  ") and stripped:
+            keep.append(line)
+        else:
+            in_fixes = False
+    return "\n".join(keep[:_MAX_REASON_LINES])
+
+
+def _user_frame(text: str, *, innermost: bool = False) -> Optional[str]:
+    """`file:line in function: code` of the first (or innermost) frame outside torch, if
+    the text has one."""
+    frames = []
+    for match in _FRAME.finditer(text):
+        path, line, function, code_a, code_b = match.groups()
+        if "/torch/" not in path:
+            code = (code_a or code_b or "").strip()
+            frames.append(f"{path}:{line} in {function}" + (f": {code}" if code else ""))
+    return (frames[-1] if innermost else frames[0]) if frames else None
+
+
+def _readable_dims(names: str) -> str:
+    """"L['x'].size()[1], seq" -> "x dim 1, seq"."""
+    return _SOURCE_DIM.sub(lambda m: f"{m.group(1)} dim {m.group(2)}", names)
+
+
+def _forward_signature(model: torch.nn.Module) -> str:
+    try:
+        return f"{type(model).__name__}.forward{inspect.signature(model.forward)}"
+    except (TypeError, ValueError):
+        return f"{type(model).__name__}.forward"
+
+
+def _hints(model: torch.nn.Module, exc: BaseException, text: str, strict: bool) -> list[str]:
+    """Hints for the failure classes users hit most, the specific one first."""
+    name = type(exc).__name__
+    error_type = str(getattr(exc, "error_type", ""))
+    hints = []
+    violated = _VIOLATED.search(text)
+    if violated or "CONSTRAINT_VIOLATION" in error_type:
+        dims = _readable_dims(violated.group(1)) if violated else "a dynamic dim"
+        hints.append(
+            f"the dynamic shapes asked for cannot hold: {dims} cannot take every size (the model "
+            "fixes it or ties it to another dim; the exporter's suggested fix is above). Pass "
+            "dynamic_shapes= with that dim Dim.STATIC or Dim.AUTO, or with the suggested min/max "
+            "or relation; leaving dynamic_shapes unset (qatfx's default, Dim.AUTO everywhere) "
+            "specializes such dims instead of failing"
+        )
+    elif "not in range" in text:
+        hints.append(
+            "an example input's size lies outside the min/max of its Dim in dynamic_shapes: "
+            "widen the Dim's range or pick example inputs inside it"
+        )
+    elif "data-dependent" in text or "Data-dependent" in text or name == "GuardOnDataDependentSymNode":
+        hints.append(
+            "forward branches on, or sizes a tensor by, the *values* of a tensor (data-dependent "
+            "control flow, .item(), nonzero), which torch.export cannot trace: make it "
+            "branchless (torch.where / clamp), use torch.cond, compute the value outside the "
+            "model and pass it in, or assert what holds with torch._check(...)"
+        )
+    elif "in output" in text or "at output" in text:
+        found = _UNKNOWN_TYPE.search(text)
+        what = found.group(1) if found else "an object torch.export does not know"
+        hints.append(
+            f"forward returns {what}, which torch.export cannot return: wrap the model so "
+            "forward returns tensors (e.g. `return self.lm(input_ids, use_cache=False).logits`); "
+            "for Hugging Face models pass use_cache=False (the KV cache object is the usual "
+            "culprit); or register the class with torch.utils._pytree.register_pytree_node"
+        )
+    elif "input type" in text or "inputs with type" in text:
+        hints.append(
+            "an example input is an object torch.export cannot flatten: pass tensors (and "
+            "ints/floats/strings), or register the class with torch.export.register_dataclass"
+        )
+    elif isinstance(exc, TypeError):
+        hints.append(f"example_inputs / example_kwargs must match {_forward_signature(model)}")
+    hints.append(
+        ("try strict=False (tracing with fake tensors, accepts more Python)" if strict else
+         "try strict=True (Dynamo tracing, sometimes gets further or names a more precise location)")
+        + "; or export the model yourself with torch.export.export and pass the ExportedProgram"
+    )
+    return hints
+
+
+def export_error(model: torch.nn.Module, exc: BaseException, *, strict: bool = False) -> CaptureError:
+    """A CaptureError for `exc` raised by torch.export on `model`: the exporter's reason,
+    the model line it points at, and hints."""
+    text = str(exc).strip()
+    parts = [f"torch.export could not capture {type(model).__name__}: {type(exc).__name__}: {_reason(text) if text else repr(exc)}"]
+    frame = _user_frame(text)
+    if frame:
+        parts.append(f"At: {frame}")
+    parts.append("Hints:\n" + "\n".join(f"  - {hint}" for hint in _hints(model, exc, text, strict)))
+    return CaptureError("\n".join(parts))
+
+
+# ---- checking the captured graph ----------------------------------------------------------
+
+_MATMULS = {
+    torch.ops.aten.linear.default: (0, 1),
+    torch.ops.aten.matmul.default: (0, 1),
+    torch.ops.aten.mm.default: (0, 1),
+    torch.ops.aten.addmm.default: (1, 2),
+}
+
+
+def _check_runnable(gm: torch.fx.GraphModule, model_name: str) -> None:
+    """torch.export's fake kernels do not check operand dtypes, so a model that fails in
+    eager (an int64 input into a float32 linear) exports fine and would fail at its first
+    call, after qatfx inserted fake-quant on the integer input; say so at capture."""
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in _MATMULS:
+            continue
+        a, b = (node.args[i] for i in _MATMULS[node.target])
+        vals = [x.meta.get("val") if isinstance(x, torch.fx.Node) else None for x in (a, b)]
+        if all(isinstance(v, torch.Tensor) for v in vals) and vals[0].dtype != vals[1].dtype:
+            stack = node.meta.get("nn_module_stack") or {}
+            path = list(stack.values())[-1][0] if stack else ""
+            frame = _user_frame(node.meta.get("stack_trace") or "", innermost=True)
+            raise CaptureError(
+                f"{model_name} does not run: {f'layer {path!r}' if path else 'the model'} "
+                f"({node.target}) multiplies a {vals[0].dtype} operand by a {vals[1].dtype} one; "
+                "eager PyTorch refuses that, torch.export's fake kernels do not check it."
+                + (f"\nAt: {frame}" if frame else "")
+                + "\nHints:\n  - pass example_inputs of the dtypes the model expects (token ids "
+                "into an embedding, floats into a linear), or cast inside forward"
+            )
 
 
 def _check_exported(gm: torch.fx.GraphModule) -> None:
@@ -83,14 +236,7 @@ def capture(
         try:
             ep = torch.export.export(model, example_inputs, kwargs, dynamic_shapes=dynamic_shapes, strict=strict)
         except Exception as exc:
-            raise CaptureError(
-                f"torch.export could not capture {type(model).__name__}: {type(exc).__name__}: "
-                f"{str(exc).strip().splitlines()[0] if str(exc).strip() else exc!r}\n"
-                "Hints: check example_inputs match the model's forward; pass dynamic_shapes= "
-                "explicitly (e.g. static shapes with dynamic_shapes={}) if a dynamic dim is "
-                "rejected; try strict=False / strict=True; or export yourself and pass the "
-                "ExportedProgram."
-            ) from exc
+            raise export_error(model, exc, strict=strict) from exc
         gm = ep.module()
     else:
         raise TypeError(
@@ -98,4 +244,5 @@ def capture(
             f"got {type(model).__name__}"
         )
     _check_exported(gm)
+    _check_runnable(gm, type(model).__name__)
     return gm

@@ -16,7 +16,9 @@ Rewrites to:
         after:  q = qatfx.quantize_dynamic(x, -128, 127, -1, False, eps, torch.float32)
                 fq_x = qatfx.dequantize(q[0], q[1], q[2], -1, x.dtype)
 Requires:    insert_fake_quant ran.
-Ensures:     converted output == prepared output bit for bit (both use qatfx.reference);
+Ensures:     converted output == prepared output bit for bit (both use qatfx.reference;
+             a weight group holding NaN/inf stores codes 0 and dequantizes to NaN, as its
+             fake-quant does, with a NonFiniteWarning naming the layer);
              a float parameter no other node reads is deleted (tied ones stay).
 """
 
@@ -29,6 +31,7 @@ import torch.fx
 
 from qatfx import reference
 from qatfx.ops import dequantize, dequantize_int4, quantize_dynamic
+from qatfx.passes.finite_check import warn_non_finite_weight, zero_codes_of_non_finite_groups
 from qatfx.passes.infra import PassResult
 from qatfx.passes.insert_fake_quant import ROLE_META_KEY, SPEC_META_KEY, fake_quant_nodes
 from qatfx.passes.linear_sites import get_attr_value
@@ -66,8 +69,10 @@ def _convert_weight(gm: torch.fx.GraphModule, fq: torch.fx.Node, spec: QuantSpec
     if transposed:
         weight = weight.t()
     scale, zero = reference.choose_qparams(weight, spec.qmin, spec.qmax, spec.group_size, spec.symmetric, spec.eps, spec.scale_dtype)
-    q = reference.quantize(weight, scale, zero, spec.qmin, spec.qmax, spec.group_size)
     base = param_node.target
+    q = reference.quantize(weight, scale, zero, spec.qmin, spec.qmax, spec.group_size)
+    if warn_non_finite_weight(base.removesuffix(".weight"), weight, "convert_pt2e"):
+        q = zero_codes_of_non_finite_groups(q, scale)
     if _packed_int4(spec):
         tile = weight.shape[-1] if spec.group_size == ROW else spec.group_size
         buffers = {
