@@ -50,7 +50,8 @@ _MAX_REASON_LINES = 6
 _FRAME = re.compile(r'File "?([^",]+)"?, line (\d+), in (\w+)(?:, code: (.*)|\n\s+(\S.*))?')
 _VIOLATED = re.compile(r"Constraints violated \((.*?)\)!")
 _SOURCE_DIM = re.compile(r"L\['(\w+)'\]\.size\(\)\[(\d+)\]")
-_UNKNOWN_TYPE = re.compile(r"<class '([\w.]+)'>")
+# non-strict: "Found <class 'pkg.Box'> in output", strict: "UserDefinedObjectVariable(Box) at output 0"
+_UNKNOWN_TYPE = re.compile(r"<class '([\w.]+)'>|Variable\((\w+)\)")
 
 
 def _reason(text: str) -> str:
@@ -124,7 +125,7 @@ def _hints(model: torch.nn.Module, exc: BaseException, text: str, strict: bool) 
         )
     elif "in output" in text or "at output" in text:
         found = _UNKNOWN_TYPE.search(text)
-        what = found.group(1) if found else "an object torch.export does not know"
+        what = (found.group(1) or found.group(2)) if found else "an object torch.export does not know"
         hints.append(
             f"forward returns {what}, which torch.export cannot return: wrap the model so "
             "forward returns tensors (e.g. `return self.lm(input_ids, use_cache=False).logits`); "

@@ -1,55 +1,16 @@
-"""The whole flow on real model families (random weights from configs, no downloads):
-export -> prepare -> compiled QAT steps -> convert -> prepared == converted exactly."""
+"""The whole flow on two real model families (random weights from configs, no downloads):
+export -> prepare -> compiled QAT steps -> convert -> prepared == converted exactly, and the
+compiled converted model. tests/test_model_families.py runs every family of
+tests/model_zoo.py (compiled training there under `pytest -m long`)."""
 
 import pytest
 import torch
 
 import qatfx
+from tests.model_zoo import hf_llama_logits, torchtune_llama3_2
 
 
-def _hf_llama():
-    transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-        tie_word_embeddings=False, attn_implementation="sdpa",
-    )
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).eval()
-    model.config.use_cache = False
-
-    class Logits(torch.nn.Module):  # the logits, not the ModelOutput / KV cache
-        def __init__(self, lm):
-            super().__init__()
-            self.lm = lm
-
-        def forward(self, input_ids):
-            return self.lm(input_ids=input_ids, use_cache=False).logits
-
-    return Logits(model), 128
-
-
-def _torchtune_llama():
-    # torchtune 0.6.1 imports torchao.dtypes.nf4tensor, which torchao 0.18 (our parity
-    # reference) moved; point the old name at the new module (test-only).
-    import importlib
-    import sys
-
-    sys.modules.setdefault(
-        "torchao.dtypes.nf4tensor",
-        importlib.import_module("torchao.quantization.quantize_.workflows.nf4.nf4_tensor"),
-    )
-    from torchtune.models.llama3_2 import llama3_2
-
-    torch.manual_seed(0)
-    model = llama3_2(
-        vocab_size=128, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=64,
-        max_seq_len=64, intermediate_dim=128, tie_word_embeddings=True,
-    ).eval()
-    return model, 128
-
-
-@pytest.mark.parametrize("build", [_hf_llama, _torchtune_llama], ids=["hf_llama", "torchtune_llama3_2"])
+@pytest.mark.parametrize("build", [hf_llama_logits, torchtune_llama3_2], ids=["hf_llama", "torchtune_llama3_2"])
 def test_real_model_flow(build):
     model, vocab = build()
     example = torch.randint(0, vocab, (2, 8))

@@ -26,13 +26,16 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
+from qatfx.debug.lowering import LoweringRecorder
 from qatfx.lowering import patterns
 from qatfx.lowering.rewrite import apply_until_fixed_point, build_pass
 from qatfx.ops import dequantize
+from qatfx.passes.infra import resolve_dump_dir
 
 log = logging.getLogger("qatfx.lowering")
 
@@ -94,17 +97,26 @@ class QATFXGraphPass(CustomGraphPass):
     def __call__(self, graph: torch.fx.Graph) -> None:
         if not any(_is_qatfx_op(n.target) for n in graph.nodes):
             return
+        record = LoweringRecorder(graph)  # logs, dumps, TORCH_TRACE: each only when on
         if self.config.fuse_linear:
-            duplicate_shared_dequantize(graph)
-            apply_until_fixed_point(_compiled_patterns("FUSE_LINEAR"), graph)
+            with record.stage("fuse_linear"):
+                duplicate_shared_dequantize(graph)
+                apply_until_fixed_point(_compiled_patterns("FUSE_LINEAR"), graph)
         if self.config.fuse_epilogue:
-            remove_metadata_asserts(graph)
-            apply_until_fixed_point(_compiled_patterns("FUSE_EPILOGUE"), graph)
+            with record.stage("fuse_epilogue"):
+                remove_metadata_asserts(graph)
+                apply_until_fixed_point(_compiled_patterns("FUSE_EPILOGUE"), graph)
         if self.config.decompose:
-            apply_until_fixed_point(_compiled_patterns("DECOMPOSE"), graph)
-        graph.eliminate_dead_code()
+            with record.stage("decompose"):
+                apply_until_fixed_point(_compiled_patterns("DECOMPOSE"), graph)
+        with record.stage("eliminate_dead_code"):
+            graph.eliminate_dead_code()
         graph.lint()
 
-    def uuid(self) -> bytes:
+    def uuid(self) -> Optional[bytes]:
+        if resolve_dump_dir(None) is not None:
+            # No key: Inductor bypasses its FX graph cache, so the pass runs and is dumped
+            # (a cache hit would skip it).
+            return None
         extra = json.dumps(dataclasses.asdict(self.config), sort_keys=True)
         return get_hash_for_files(_source_files(), extra)

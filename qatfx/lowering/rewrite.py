@@ -29,6 +29,8 @@ from torch._inductor.pattern_matcher import (
     register_graph_pattern,
 )
 
+from qatfx.debug.provenance import rewrite_scope
+
 log = logging.getLogger("qatfx.lowering")
 
 COUNTER = "qatfx"
@@ -79,7 +81,8 @@ def _accept(rewrite: Rewrite, match: Match) -> bool:
 
 def _apply(rewrite: Rewrite, match: Match, *args: Any, **kwargs: Any) -> None:
     replacement = functools.partial(rewrite.replacement, **rewrite.constants(match))
-    match.replace_by_example(replacement, [match.kwargs[name] for name in rewrite.argnames])
+    with rewrite_scope(rewrite.name, rewrite.replacement):  # dumps name the rule behind each new node
+        match.replace_by_example(replacement, [match.kwargs[name] for name in rewrite.argnames])
     counters[COUNTER][rewrite.name] += 1
 
 

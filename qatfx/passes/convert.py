@@ -45,8 +45,11 @@ def _packed_int4(spec: QuantSpec) -> bool:
 
 
 def _weight_param(node: torch.fx.Node) -> tuple[torch.fx.Node, bool]:
-    """The get_attr feeding a weight fake-quant, and whether a transpose sits between."""
+    """The get_attr feeding a weight fake-quant, and whether a transpose sits between
+    (insert_fake_quant writes t(w) then a contiguous clone)."""
     source = node.args[0]
+    if source.op == "call_function" and source.target is aten.clone.default:
+        source = source.args[0]
     if source.op == "call_function" and source.target is aten.t.default:
         return source.args[0], True
     return source, False

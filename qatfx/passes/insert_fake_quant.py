@@ -9,7 +9,11 @@ Rewrites to: qatfx.fake_quantize on the activation input and on the weight param
              linear = aten.linear(fq_x, fq_w, b)
 
              A (K, N) weight used directly by matmul/addmm is fake-quantized as its
-             transpose (groups run along K): t(fake_quantize(t(w))).
+             transpose (groups run along K), copied row-major first:
+             t(fake_quantize(clone(t(w), contiguous_format))). The copy gives the
+             fake-quantized weight the layout convert's dequantize produces; addmm's
+             result depends on its operands' layout (BLAS picks another kernel), so
+             without it prepared and converted GPT-2 differ in the last bits.
 Requires:    annotate ran.
 Ensures:     one fake_quantize per (operand, spec): q/k/v projections reading the same x
              share one activation fake-quant; other users of a weight (a tied embedding)
@@ -50,6 +54,15 @@ def _transpose(graph: torch.fx.Graph, source: torch.fx.Node) -> torch.fx.Node:
     return node
 
 
+def _contiguous(graph: torch.fx.Graph, source: torch.fx.Node) -> torch.fx.Node:
+    with graph.inserting_after(source):
+        node = graph.call_function(aten.clone.default, (source,), {"memory_format": torch.contiguous_format})
+    val = source.meta.get("val")
+    if val is not None:
+        node.meta["val"] = val.contiguous()
+    return node
+
+
 def insert_fake_quant(gm: torch.fx.GraphModule) -> PassResult:
     graph = gm.graph
     made: dict[tuple, torch.fx.Node] = {}
@@ -68,7 +81,7 @@ def insert_fake_quant(gm: torch.fx.GraphModule) -> PassResult:
         key = (site.param_node, annotation.weight_spec, site.param_is_k_by_n)
         if key not in made:
             if site.param_is_k_by_n:
-                n_by_k = _transpose(graph, site.param_node)
+                n_by_k = _contiguous(graph, _transpose(graph, site.param_node))
                 fq = _insert_fake_quant(graph, n_by_k, annotation.weight_spec, "weight")
                 made[key] = _transpose(graph, fq)
             else:

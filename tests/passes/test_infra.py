@@ -11,11 +11,11 @@ def test_dump_dir_argument_writes_every_pass_in_order(tmp_path):
     prepared.eval()
     qatfx.convert_pt2e(prepared)
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == [
-        f"{i:02d}_{name}.{when}.txt"
-        for i, name in enumerate(["annotate", "insert_fake_quant", "eval", "convert"], start=1)
-        for when in ("after", "before")
-    ]
+    passes = ["annotate", "insert_fake_quant", "eval", "convert"]
+    assert names == sorted(
+        [f"{i:02d}_{name}.{kind}" for i, name in enumerate(passes, start=1) for kind in ("after.txt", "before.txt", "html")]
+        + ["dump.json", "index.html"]
+    )
     after = (tmp_path / "02_insert_fake_quant.after.txt").read_text()
     assert "torch.ops.qatfx.fake_quantize.default" in after
     # each node line says which pass made it, with shape and dtype
@@ -26,7 +26,8 @@ def test_dump_dir_argument_writes_every_pass_in_order(tmp_path):
 def test_env_var_enables_dumps(tmp_path, monkeypatch):
     monkeypatch.setenv("QATFX_DUMP_DIR", str(tmp_path))
     qatfx.prepare_pt2e(TinyLM(), qatfx.Int8DynActInt4WeightQuantizer(32), (tokens(),))
-    assert (tmp_path / "01_annotate.before.txt").exists()
+    (run,) = tmp_path.glob("run-*")  # one folder per process
+    assert (run / "01_annotate.before.txt").exists() and (run / "index.html").exists()
 
 
 def test_invalid_graph_names_the_pass():

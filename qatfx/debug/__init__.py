@@ -1,0 +1,13 @@
+"""Debugging tools.
+
+- `dump(dir)` / `dump_dir=` / QATFX_DUMP_DIR: every qatfx pass's graph before and after,
+  as text and as HTML pages with an index (dump.py); see docs/debugging.md.
+- `compare(float_model, quantized, inputs)`: per-layer SQNR of a quantized model against
+  the float one (compare.py).
+- TORCH_TRACE artifacts and TORCH_LOGS=+qatfx (trace.py, qatfx/passes/infra.py).
+"""
+
+from qatfx.debug.compare import compare
+from qatfx.debug.dumping import current_dump_dir, dump, register_report
+
+__all__ = ["compare", "current_dump_dir", "dump", "register_report"]

@@ -1,0 +1,313 @@
+"""`compare(float_model, quantized, inputs)`: which linear layer loses the most accuracy.
+
+For every linear site of a prepared (fake-quant) or converted qatfx module, the layer's
+output is compared with the float model's output of the same layer:
+
+- end to end: a full run of the quantized model, so errors compound through the network;
+- local: the quantized layer fed the float model's own input of the layer, so only this
+  layer's quantization error is measured. This is the column that finds the layer to fix.
+  It is also split into weights only (float input, quantized weight) and, for a prepared
+  model, activations only (quantized input, float weight).
+
+Float activations come from forward hooks on the float model's modules (sites.py maps each
+graph site to its module). Quantized activations come from running the graph with a
+`torch.fx.Interpreter` in eager; the local outputs replay the site's quantization nodes
+(fake_quantize, or quantize_dynamic -> dequantize) on the float input.
+
+Given a prepared module, a converted copy is made with `convert_pt2e` and compared too;
+by the numerics contract its outputs equal the fake-quant ones exactly. Neither model is
+modified: the graphs run as eval-mode copies sharing their tensors, all under no_grad.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+import torch.fx
+from torch.fx._pytree import tree_flatten_spec
+
+from qatfx.api import convert_pt2e
+from qatfx.debug.compare_report import (
+    CompareReport,
+    CompareRow,
+    Error,
+    ErrorAccumulator,
+    ModelErrors,
+    mark_outliers,
+    sort_key,
+    sqnr_db,
+)
+from qatfx.debug.sites import Site, find_sites
+from qatfx.module import copy_sharing_tensors
+from qatfx.ops import fake_quantize
+from qatfx.passes.infra import resolve_dump_dir
+from qatfx.passes.insert_fake_quant import ROLE_META_KEY
+from qatfx.passes.train_eval import set_training_mode
+
+log = logging.getLogger("qatfx.debug")
+
+HTML_NAME = "compare.html"
+# What a local replay quantizes: (activation, weight).
+_LOCAL = {"local": (True, True), "weights_only": (False, True), "activations_only": (True, False)}
+
+
+# ---- float model ------------------------------------------------------------------------
+
+
+def _capture_float(model: torch.nn.Module, modules: set, args: tuple) -> dict:
+    """module path -> [(input, output) per call], from forward hooks."""
+    seen = defaultdict(list)
+    if not modules:
+        return seen  # nothing to capture: do not run a model that may not even match
+
+    def hook_for(path):
+        def hook(_module, hook_args, hook_kwargs, output):
+            x = hook_args[0] if hook_args else next(iter(hook_kwargs.values()))
+            seen[path].append((x.detach(), output.detach()))
+
+        return hook
+
+    handles = [model.get_submodule(p).register_forward_hook(hook_for(p), with_kwargs=True) for p in modules]
+    try:
+        model(*args)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
+class _EvalMode:
+    """Puts every submodule in eval mode and restores each one's flag afterwards."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.flags = [(m, m.training) for m in model.modules()]
+
+    def __enter__(self) -> None:
+        self.model.eval()
+
+    def __exit__(self, *exc) -> None:
+        for module, flag in self.flags:
+            module.training = flag
+
+
+# ---- quantized model --------------------------------------------------------------------
+
+
+class _SiteInterpreter(torch.fx.Interpreter):
+    """Runs the graph eagerly; at each site records the end-to-end output and the local
+    outputs: the site's quantization replayed on the float model's input of the layer."""
+
+    def __init__(self, gm: torch.fx.GraphModule, sites: list[Site], float_io: dict) -> None:
+        super().__init__(gm)
+        self.sites = {s.node: s for s in sites}
+        self.raw_shapes = {s.raw_input: None for s in sites}
+        self.float_io = float_io
+        self.outputs = {}  # site key -> {"end_to_end": tensor, "local": tensor, ...}
+
+    def run_node(self, node: torch.fx.Node) -> Any:
+        out = super().run_node(node)
+        if node in self.raw_shapes:
+            self.raw_shapes[node] = out.shape  # the value itself may be freed before the site runs
+        site = self.sites.get(node)
+        if site is not None:
+            self.outputs[site.key] = {"end_to_end": out, **self._local(site)}
+        return out
+
+    def _float_input(self, site: Site) -> Optional[torch.Tensor]:
+        io = self.float_io.get(site.module)
+        if not site.capturable or io is None or site.call >= len(io):
+            return None
+        x = io[site.call][0]
+        shape = self.raw_shapes[site.raw_input]
+        return x.reshape(shape) if x.numel() == shape.numel() else None
+
+    def _local(self, site: Site) -> dict:
+        x = self._float_input(site)
+        if x is None:
+            return {}
+        outs = {}
+        for name, (quantize_activation, quantize_weight) in _LOCAL.items():
+            if not quantize_weight and site.weight_chain is None:
+                continue  # converted: the float weight is gone
+            outs[name] = self._replay(site, x, quantize_activation, quantize_weight)
+        return outs
+
+    def _replay(self, site: Site, x: torch.Tensor, quantize_activation: bool, quantize_weight: bool) -> torch.Tensor:
+        values = {site.raw_input: x} if quantize_activation else {site.activation_operand: x}
+        nodes = [*(site.activation_chain if quantize_activation else []), *(site.weight_chain if not quantize_weight else []), site.node]
+        fetch = lambda n: values[n] if n in values else self.env[n]  # noqa: E731
+        for node in nodes:
+            if node.op == "get_attr":
+                values[node] = self.fetch_attr(node.target)
+                continue
+            args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), fetch)
+            if node.target is fake_quantize and node.meta.get(ROLE_META_KEY) == "weight" and not quantize_weight:
+                values[node] = args[0]  # fake-quant off: the float weight
+            else:
+                values[node] = node.target(*args, **kwargs)
+        return values[site.node]
+
+
+def _eval_copy(module: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """An eval-mode copy sharing `module`'s tensors. The train/eval pass is applied directly,
+    not through run_pass: this private copy's mode switch must not appear in the dumps."""
+    copied = copy_sharing_tensors(module)
+    set_training_mode(False)(copied)
+    copied.recompile()
+    return copied.train(False)  # the graph is in eval already: this only sets the flags
+
+
+def _flat_inputs(gm: torch.fx.GraphModule, args: tuple) -> list:
+    spec = getattr(gm, "_in_spec", None)
+    return list(tree_flatten_spec((list(args), {}), spec)) if spec is not None else list(args)
+
+
+def _batches(inputs: Any) -> list[tuple]:
+    if isinstance(inputs, torch.Tensor):
+        return [(inputs,)]
+    if isinstance(inputs, tuple):
+        return [inputs]
+    if isinstance(inputs, list) and inputs:
+        return [b if isinstance(b, tuple) else (b,) for b in inputs]
+    raise TypeError(
+        "compare(..., inputs): pass a tuple of model arguments (like example_inputs) or a "
+        f"non-empty list of batches, got {type(inputs).__name__}"
+    )
+
+
+# ---- driver -----------------------------------------------------------------------------
+
+
+def _models(quantized: torch.fx.GraphModule) -> dict:
+    stage = getattr(quantized, "qatfx_stage", None)
+    if stage not in ("prepared", "converted"):
+        raise TypeError(
+            f"compare needs a module returned by qatfx.prepare_pt2e or convert_pt2e, got {type(quantized).__name__}"
+            + (f" at stage {stage!r}" if stage else "")
+        )
+    if stage == "converted":
+        return {"converted": _eval_copy(quantized)}
+    fake_quant = _eval_copy(quantized)
+    if not any(n.kwargs.get("enabled", True) for n in fake_quant.graph.nodes if n.target is fake_quantize):
+        log.warning("qatfx compare: fake-quant is disabled in this module; its columns show the float model")
+    log.info("qatfx compare: converting a copy of the prepared module to compare it too")
+    return {"fake_quant": fake_quant, "converted": convert_pt2e(fake_quant)}
+
+
+def compare(
+    float_model: torch.nn.Module,
+    quantized: torch.fx.GraphModule,
+    inputs: Union[tuple, list, torch.Tensor],
+    *,
+    dump_dir: Union[str, os.PathLike, None] = None,
+) -> CompareReport:
+    """Per-linear SQNR and max abs error of a prepared or converted qatfx module against
+    the float model, sorted worst local SQNR first.
+
+    float_model: the nn.Module the quantized module was prepared from, with the weights to
+        compare against (the prepared module shares them: after QAT this is the trained
+        float model; deepcopy it before training to compare with the starting weights).
+    quantized: a module from `prepare_pt2e` (a converted copy is compared too) or
+        `convert_pt2e`; a torch.compile wrapper is unwrapped.
+    inputs: one tuple of arguments (like example_inputs), or a list of batches.
+    dump_dir: write `compare.html` here (default: $QATFX_DUMP_DIR, if set).
+
+    Holds every linear's float input and output for one batch at a time.
+    """
+    float_model = getattr(float_model, "_orig_mod", float_model)
+    quantized = getattr(quantized, "_orig_mod", quantized)
+    batches = _batches(inputs)
+    acc = defaultdict(ErrorAccumulator)  # (model, row key, measure) -> accumulator
+    with torch.no_grad():
+        models = _models(quantized)
+        sites = {name: find_sites(gm, float_model) for name, gm in models.items()}
+        rows_sites = next(iter(sites.values()))
+        modules = {s.module for s in rows_sites if s.capturable}
+        if not modules:
+            log.warning(
+                "qatfx compare: no linear layer of the quantized model was found as a module of float_model "
+                "(%s); pass the nn.Module that was prepared", type(float_model).__name__
+            )
+        with _EvalMode(float_model):
+            for args in batches:
+                float_io = _capture_float(float_model, modules, args)
+                outputs = {}
+                for name, gm in models.items():
+                    interpreter = _SiteInterpreter(gm, sites[name], float_io)
+                    interpreter.run(*_flat_inputs(gm, args))
+                    outputs[name] = interpreter.outputs
+                _accumulate(acc, rows_sites, float_io, outputs)
+    rows = [_row(site, acc, models) for site in rows_sites]
+    rows = mark_outliers([r for _, r in sorted(enumerate(rows), key=lambda p: sort_key(p[1], p[0]))])
+    report = CompareReport(tuple(rows), len(batches), "fake_quant" in models, "converted" in models)
+    _write_html(report, dump_dir)
+    return report
+
+
+def _accumulate(acc: dict, sites: list[Site], float_io: dict, outputs: dict) -> None:
+    for site in sites:
+        io = float_io.get(site.module)
+        if site.capturable and io is not None and site.call < len(io):
+            y_float = io[site.call][1]
+            for name, model_outputs in outputs.items():
+                for measure, y in model_outputs[site.key].items():
+                    if y.numel() == y_float.numel():
+                        acc[name, site.key, measure].update(y_float, y.reshape(y_float.shape))
+        if "fake_quant" in outputs:
+            fq, conv = outputs["fake_quant"][site.key]["end_to_end"], outputs["converted"][site.key]["end_to_end"]
+            acc["converted", site.key, "vs_fake_quant"].update(fq, conv)
+
+
+def _row(site: Site, acc: dict, models: dict) -> CompareRow:
+    def result(name: str, measure: str) -> Optional[Error]:
+        key = (name, site.key, measure)
+        return acc[key].result() if key in acc else None
+
+    def errors(name: str) -> Optional[ModelErrors]:
+        local, e2e = result(name, "local"), result(name, "end_to_end")
+        if local is None or e2e is None:
+            return None
+        return ModelErrors(local, e2e, result(name, "weights_only"), result(name, "activations_only"))
+
+    notes = []
+    if not site.quantized:
+        notes.append(f"skipped: {site.annotation.reason}")
+    if not site.capturable:
+        notes.append(f"no float activations: module {site.module or '<root>'} is not the linear itself")
+    return CompareRow(
+        layer=site.key,
+        module=site.module,
+        op=str(site.node.target).replace("aten.", "").removesuffix(".default"),
+        shape=site.shape,
+        scheme=_scheme(site.annotation) if site.quantized else "float",
+        quantized=site.quantized,
+        fake_quant=errors("fake_quant") if "fake_quant" in models else None,
+        converted=errors("converted"),
+        converted_vs_fake_quant=result("converted", "vs_fake_quant"),
+        note="; ".join(notes),
+    )
+
+
+def _scheme(annotation: Any) -> str:
+    act = annotation.input_spec.describe() if annotation.input_spec else "float"
+    return f"{act} x {annotation.weight_spec.describe()}"
+
+
+def _write_html(report: CompareReport, dump_dir: Union[str, os.PathLike, None]) -> Optional[Path]:
+    directory = resolve_dump_dir(dump_dir)
+    if directory is None:
+        return None
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / HTML_NAME
+    path.write_text(report.to_html())
+    log.info("qatfx compare: wrote %s", path)
+    return path
+
+
+__all__ = ["CompareReport", "CompareRow", "Error", "ModelErrors", "compare", "sqnr_db"]
