@@ -17,6 +17,7 @@ from qatfx.api import (
 )
 from qatfx.capture import CaptureError
 from qatfx.module import QATGraphModule
+from qatfx.passes.finite_check import NonFiniteWarning
 from qatfx.quantizer import (
     Int4WeightOnlyQuantizer,
     Int8DynActInt4WeightQuantizer,
@@ -33,6 +34,7 @@ __all__ = [
     "Int4WeightOnlyQuantizer",
     "Int8DynActInt4WeightQuantizer",
     "Int8WeightOnlyQuantizer",
+    "NonFiniteWarning",
     "PerChannel",
     "PerGroup",
     "PerTensor",

@@ -42,6 +42,7 @@ from qatfx.debug.compare_report import (
     sort_key,
     sqnr_db,
 )
+from qatfx.debug.dumping import register_report
 from qatfx.debug.sites import Site, find_sites
 from qatfx.module import copy_sharing_tensors
 from qatfx.ops import fake_quantize
@@ -306,6 +307,7 @@ def _write_html(report: CompareReport, dump_dir: Union[str, os.PathLike, None]) 
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / HTML_NAME
     path.write_text(report.to_html())
+    register_report(path, "per-layer SQNR (compare)")
     log.info("qatfx compare: wrote %s", path)
     return path
 

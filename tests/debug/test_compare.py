@@ -247,7 +247,8 @@ def test_html_written_to_dump_dir_and_self_contained(planted, tmp_path, monkeypa
     env_dir = tmp_path / "env"
     monkeypatch.setenv("QATFX_DUMP_DIR", str(env_dir))
     compare(model, prepared, (tokens(seed=1),))
-    assert (env_dir / "compare.html").exists()
+    (run,) = env_dir.glob("run-*")  # QATFX_DUMP_DIR gets one run-<time>-<pid>/ folder per process
+    assert (run / "compare.html").exists()
 
 
 def test_markdown_table_shape(planted):
