@@ -270,13 +270,15 @@ class AttentionWithDropout(nn.Module):
         return nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=0.5 if self.training else 0.0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="passes/train_eval.py switches dropout and batch norm, not scaled_dot_product_attention's "
-    "dropout_p: a model exported in train mode keeps attention dropout after .eval() "
-    "(workaround: export in eval mode, then .train(); docs/models.md)",
-)
-def test_attention_dropout_of_a_train_mode_export_is_off_in_eval():
-    prepared = qatfx.prepare_pt2e(AttentionWithDropout().train(), Q(32), (torch.randn(2, 8, 64),)).eval()
+def test_attention_dropout_of_a_train_mode_export_switches_with_the_mode():
+    prepared = qatfx.prepare_pt2e(AttentionWithDropout().train(), Q(32), (torch.randn(2, 8, 64),))
     x = torch.randn(2, 8, 64)
-    assert torch.equal(prepared(x), prepared(x))
+    assert not torch.equal(prepared(x), prepared(x)), "train mode: attention dropout on"
+    prepared.eval()
+    assert torch.equal(prepared(x), prepared(x)), "eval mode: attention dropout off"
+    with torch.no_grad():
+        assert torch.equal(qatfx.convert_pt2e(prepared)(x), prepared(x))
+    prepared.train()  # the exported p comes back
+    (sdpa,) = [n for n in prepared.graph.nodes if n.target is torch.ops.aten.scaled_dot_product_attention.default]
+    assert sdpa.args[4] == 0.5
+    assert not torch.equal(prepared(x), prepared(x))
