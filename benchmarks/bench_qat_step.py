@@ -52,6 +52,7 @@ import torchao  # noqa: E402
 from torchao.quantization.qat import Int8DynActInt4WeightQATQuantizer  # noqa: E402
 
 import qatfx  # noqa: E402
+from decode_model import RMSNorm, apply_rope  # noqa: E402  the decode benchmark's Llama pieces
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GOAL_RATIO = 1.10  # qatfx compiled QAT step / compiled float step
@@ -142,23 +143,6 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # ---- the model -------------------------------------------------------------------------------
 
 
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float, dtype: torch.dtype) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()  # the statistic in fp32 even for a bf16 model, as Llama's code does
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
-
-
-def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE on (B, heads, T, head_dim) with fp32 cos/sin of shape (T, head_dim // 2)."""
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype) -> None:
         super().__init__()
@@ -174,8 +158,8 @@ class Attention(nn.Module):
         def heads(proj: nn.Linear, n: int) -> torch.Tensor:
             return proj(h).view(b, t, n, self.head_dim).transpose(1, 2)
 
-        q = rope(heads(self.q_proj, self.heads), cos, sin)
-        k = rope(heads(self.k_proj, self.kv_heads), cos, sin)
+        q = apply_rope(heads(self.q_proj, self.heads), cos, sin)
+        k = apply_rope(heads(self.k_proj, self.kv_heads), cos, sin)
         v = heads(self.v_proj, self.kv_heads)
         # grouped-query attention as Llama's code: query head h reads kv head h // n_rep
         n_rep = self.heads // self.kv_heads
