@@ -1,7 +1,7 @@
 """QAT of a qatfx-prepared model on several processes, with DDP or FSDP2 (fully_shard).
 
-    torchrun --nproc-per-node 2 examples/distributed_qat.py --strategy ddp      # CPU: gloo
-    torchrun --nproc-per-node 2 examples/distributed_qat.py --strategy fsdp2
+    torchrun --standalone --nproc-per-node 2 examples/distributed_qat.py --strategy ddp      # CPU: gloo
+    torchrun --standalone --nproc-per-node 2 examples/distributed_qat.py --strategy fsdp2
     python examples/distributed_qat.py --strategy single                        # one process
 
 Every process prepares the same model (same seed), trains its slice of a fixed global batch
