@@ -42,9 +42,9 @@ def summation_bound(loss: float) -> float:
 @pytest.mark.parametrize(
     "compiled",
     [
-        # eager: ~2 min on 2 shared cores (two torchruns of 2 ranks, two single-process runs)
+        # eager: ~70 s on 2 cores (two torchruns of 2 ranks, two single-process runs)
         pytest.param(False, marks=pytest.mark.long),
-        # compiled: each of the 6 processes compiles forward + backward, ~4 min
+        # compiled: each of the 6 processes compiles forward + backward, ~2 min
         pytest.param(True, marks=pytest.mark.long),
     ],
     ids=["eager", "compiled"],
