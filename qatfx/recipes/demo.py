@@ -135,7 +135,8 @@ def _example_tokens(vocab_size: int) -> torch.Tensor:
 
 def _pretrained_float_model(config: LMConfig, pretrain: TrainConfig, train_tokens, corpus_sha: str, cache_dir: Path, compile: bool):
     """The starting float model: trained by our code on first use, then loaded from cache."""
-    key = hashlib.sha256(json.dumps([config.to_dict(), asdict(pretrain), corpus_sha]).encode()).hexdigest()[:16]
+    # "deterministic": models cached before training became bit-reproducible are not reused
+    key = hashlib.sha256(json.dumps([config.to_dict(), asdict(pretrain), corpus_sha, "deterministic"]).encode()).hexdigest()[:16]
     path = cache_dir / "models" / f"charlm-{key}.pt"
     model = CausalLM(config)
     if path.exists():

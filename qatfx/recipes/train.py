@@ -8,6 +8,7 @@ exactly the same computation (the numerics contract says their logits are bit-id
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Iterator, Optional
@@ -51,6 +52,23 @@ def _lr_at(step: int, config: TrainConfig) -> float:
     return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+@contextlib.contextmanager
+def deterministic_algorithms() -> Iterator[None]:
+    """Bit-reproducible training for the duration of the block, then the caller's setting.
+
+    Without it, Inductor compiles the embedding's backward (a scatter-add) into a parallel
+    CPU loop with atomic adds, whose summation order varies from run to run: two runs of the
+    same seed drifted apart from the second step. Deterministic mode makes Inductor emit an
+    ordered kernel instead (and keys its compile cache on the setting)."""
+    enabled = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+
+
 def train(
     model: nn.Module,
     tokens: torch.Tensor,
@@ -61,8 +79,14 @@ def train(
     compile: bool = True,
 ) -> list[float]:
     """Train `model` in place on random windows of `tokens`; returns the loss per step.
+    The same seed gives the same losses bit for bit (deterministic algorithms inside).
 
     `step_hook(step)` is called before each step (e.g. qatfx.FakeQuantAfterNSteps)."""
+    with deterministic_algorithms():
+        return _train(model, tokens, config, desc, step_hook, compile)
+
+
+def _train(model, tokens, config, desc, step_hook, compile) -> list[float]:
     generator = torch.Generator().manual_seed(config.seed)
     windows = random_windows(tokens, config.batch_size, config.seq_len + 1, generator)
     model.train()
