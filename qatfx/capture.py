@@ -13,6 +13,7 @@ from torch.export import Dim, ExportedProgram
 from torch.utils import _pytree as pytree
 
 from qatfx.ops import fake_quantize
+from qatfx.passes.linear_sites import SITE_OPERANDS
 
 log = logging.getLogger("qatfx.capture")
 
@@ -161,22 +162,15 @@ def export_error(model: torch.nn.Module, exc: BaseException, *, strict: bool = F
 
 # ---- checking the captured graph ----------------------------------------------------------
 
-_MATMULS = {
-    torch.ops.aten.linear.default: (0, 1),
-    torch.ops.aten.matmul.default: (0, 1),
-    torch.ops.aten.mm.default: (0, 1),
-    torch.ops.aten.addmm.default: (1, 2),
-}
-
 
 def _check_runnable(gm: torch.fx.GraphModule, model_name: str) -> None:
     """torch.export's fake kernels do not check operand dtypes, so a model that fails in
     eager (an int64 input into a float32 linear) exports fine and would fail at its first
     call, after qatfx inserted fake-quant on the integer input; say so at capture."""
     for node in gm.graph.nodes:
-        if node.op != "call_function" or node.target not in _MATMULS:
+        if node.op != "call_function" or node.target not in SITE_OPERANDS:
             continue
-        a, b = (node.args[i] for i in _MATMULS[node.target])
+        a, b = (node.args[i] for i in SITE_OPERANDS[node.target])
         vals = [x.meta.get("val") if isinstance(x, torch.fx.Node) else None for x in (a, b)]
         if all(isinstance(v, torch.Tensor) for v in vals) and vals[0].dtype != vals[1].dtype:
             stack = node.meta.get("nn_module_stack") or {}

@@ -21,19 +21,13 @@ import torch
 import torch.fx
 
 from qatfx.ops import fake_quantize
+from qatfx.passes.linear_sites import SITE_OPERANDS, TRANSPOSES
 from qatfx.quantizer import ANNOTATION_KEY, LinearAnnotation
 
 aten = torch.ops.aten
 
-# Site op -> (activation operand index, weight operand index), as in passes/linear_sites.py.
-OPERANDS = {
-    aten.linear.default: (0, 1),
-    aten.matmul.default: (0, 1),
-    aten.mm.default: (0, 1),
-    aten.addmm.default: (1, 2),
-}
 # What may sit between a weight parameter and its site in a prepared graph (insert_fake_quant).
-_WEIGHT_PATH = {fake_quantize, aten.t.default, aten.transpose.int, aten.permute.default, aten.numpy_T.default, aten.clone.default}
+_WEIGHT_PATH = {fake_quantize, aten.clone.default, *TRANSPOSES}
 
 
 @dataclass
@@ -54,7 +48,7 @@ class Site:
 
     @property
     def activation_operand(self) -> torch.fx.Node:
-        return self.node.args[OPERANDS[self.node.target][0]]
+        return self.node.args[SITE_OPERANDS[self.node.target][0]]
 
     @property
     def shape(self) -> tuple:
@@ -76,7 +70,7 @@ def _is_activation_quant(node: torch.fx.Node) -> bool:
 
 
 def _activation_chain(site: torch.fx.Node, order: dict) -> tuple[torch.fx.Node, list]:
-    operand = site.args[OPERANDS[site.target][0]]
+    operand = site.args[SITE_OPERANDS[site.target][0]]
     chain, raw, stack = [], set(), [operand]
     while stack:
         node = stack.pop()
@@ -94,7 +88,7 @@ def _activation_chain(site: torch.fx.Node, order: dict) -> tuple[torch.fx.Node, 
 
 def _weight_chain(site: torch.fx.Node, order: dict) -> Optional[list]:
     """The prepared weight path, to replay with fake-quant off; None when there is none."""
-    chain, stack = [], [site.args[OPERANDS[site.target][1]]]
+    chain, stack = [], [site.args[SITE_OPERANDS[site.target][1]]]
     while stack:
         node = stack.pop()
         if node.op == "get_attr":
@@ -131,7 +125,7 @@ def find_sites(gm: torch.fx.GraphModule, float_model: torch.nn.Module) -> list[S
     sites, module_calls, layer_calls = [], defaultdict(int), defaultdict(int)
     for node in gm.graph.nodes:
         annotation = node.meta.get(ANNOTATION_KEY)
-        if annotation is None or node.op != "call_function" or node.target not in OPERANDS:
+        if annotation is None or node.op != "call_function" or node.target not in SITE_OPERANDS:
             continue
         module, layer = _module_path(node), annotation.layer
         raw, chain = _activation_chain(node, order)

@@ -17,13 +17,13 @@ import torch.fx
 aten = torch.ops.aten
 
 # target -> (index of the activation operand, index of the weight operand)
-_SITE_OPERANDS = {
+SITE_OPERANDS = {
     aten.linear.default: (0, 1),
     aten.matmul.default: (0, 1),
     aten.mm.default: (0, 1),
     aten.addmm.default: (1, 2),
 }
-_TRANSPOSES = {aten.t.default, aten.transpose.int, aten.permute.default, aten.numpy_T.default}
+TRANSPOSES = {aten.t.default, aten.transpose.int, aten.permute.default, aten.numpy_T.default}
 
 
 @dataclass
@@ -83,15 +83,15 @@ def _module_type(node: torch.fx.Node) -> Optional[str]:
 def find_linear_sites(gm: torch.fx.GraphModule) -> list[LinearSite]:
     sites = []
     for node in gm.graph.nodes:
-        if node.op != "call_function" or node.target not in _SITE_OPERANDS:
+        if node.op != "call_function" or node.target not in SITE_OPERANDS:
             continue
-        x_index, w_index = _SITE_OPERANDS[node.target]
+        x_index, w_index = SITE_OPERANDS[node.target]
         operand = node.args[w_index]
         if not isinstance(operand, torch.fx.Node):
             continue
         k_by_n = node.target is not aten.linear.default
         param_user = node
-        if operand.op == "call_function" and operand.target in _TRANSPOSES and _is_plain_2d_transpose(operand):
+        if operand.op == "call_function" and operand.target in TRANSPOSES and _is_plain_2d_transpose(operand):
             param_user, operand, k_by_n = operand, operand.args[0], not k_by_n
         is_param = operand.op == "get_attr" and isinstance(
             get_attr_value(gm, operand.target), torch.nn.Parameter

@@ -20,6 +20,7 @@ from qatfx.passes import infra
 from qatfx.passes.infra import PassResult, run_pass
 from tests.debug.html_rows import parse
 from tests.models import TinyLM, tokens
+from tests.passes.broken_pass import breaks_graph
 
 FX_PASSES = ["annotate", "insert_fake_quant", "eval", "convert"]
 INDUCTOR_STAGES = ["fuse_linear", "fuse_epilogue", "decompose", "eliminate_dead_code"]
@@ -175,12 +176,6 @@ def test_without_graphviz_the_page_says_so(monkeypatch, tmp_path):
 
 def test_a_failing_pass_is_dumped_and_named(tmp_path):
     gm = torch.fx.symbolic_trace(torch.nn.Linear(4, 4))
-
-    def breaks_graph(g):
-        first, *_, last = g.graph.nodes
-        with g.graph.inserting_before(first):
-            g.graph.call_function(torch.relu, (last.args[0],))  # used before it is defined
-        return PassResult(g, True)
 
     with pytest.raises(RuntimeError, match="breaks_graph"):
         run_pass(gm, "breaks_graph", breaks_graph, dump_dir=tmp_path)

@@ -2,8 +2,9 @@ import pytest
 import torch
 
 import qatfx
-from qatfx.passes.infra import PassResult, run_pass
+from qatfx.passes.infra import run_pass
 from tests.models import TinyLM, tokens
+from tests.passes.broken_pass import breaks_graph
 
 
 def test_dump_dir_argument_writes_every_pass_in_order(tmp_path):
@@ -32,12 +33,6 @@ def test_env_var_enables_dumps(tmp_path, monkeypatch):
 
 def test_invalid_graph_names_the_pass():
     gm = torch.fx.symbolic_trace(torch.nn.Linear(4, 4))
-
-    def breaks_graph(g):
-        first, *_, last = g.graph.nodes
-        with g.graph.inserting_before(first):
-            g.graph.call_function(torch.relu, (last.args[0],))  # used before it is defined
-        return PassResult(g, True)
 
     with pytest.raises(RuntimeError, match="qatfx pass 'breaks_graph' produced an invalid graph"):
         run_pass(gm, "breaks_graph", breaks_graph)
