@@ -24,7 +24,7 @@ class CaptureError(RuntimeError):
     The exporter's own exception is chained as `__cause__`."""
 
 
-def automatic_dynamic_shapes(args: tuple, kwargs: dict):
+def automatic_dynamic_shapes(model: torch.nn.Module, args: tuple, kwargs: dict):
     """Every dim of every tensor input is Dim.AUTO: batch and sequence length stay dynamic
     unless the model pins them (hidden sizes get specialized without error)."""
 
@@ -40,7 +40,23 @@ def automatic_dynamic_shapes(args: tuple, kwargs: dict):
             )
         return {d: Dim.AUTO for d in range(value.dim())}
 
-    return pytree.tree_map(spec, (args, kwargs)) if kwargs else pytree.tree_map(spec, args)
+    spec_args, spec_kwargs = pytree.tree_map(spec, (args, kwargs))
+    return by_parameter_name(model, args, kwargs, spec_args, spec_kwargs) if kwargs else spec_args
+
+
+def by_parameter_name(model: torch.nn.Module, args, kwargs, spec_args, spec_kwargs) -> dict:
+    """Dynamic shapes keyed by forward's parameter names: how export matches them when
+    some inputs are keyword arguments."""
+    signature = inspect.signature(model.forward)
+    names = signature.bind(*args, **kwargs).arguments
+    shapes = signature.bind(*spec_args, **spec_kwargs).arguments
+    return {name: shapes[name] for name in names}
+
+
+def unviewed(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """The inputs with views cloned: export guards on a view's ._base, which every later
+    plain (non-view) input would then fail."""
+    return pytree.tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) and v._is_view() else v, (args, kwargs))
 
 
 # ---- explaining an export failure ---------------------------------------------------------
@@ -225,9 +241,9 @@ def capture(
             )
         if not isinstance(example_inputs, tuple):
             example_inputs = (example_inputs,)
-        kwargs = example_kwargs or {}
+        example_inputs, kwargs = unviewed(example_inputs, example_kwargs or {})
         if dynamic_shapes is None:
-            dynamic_shapes = automatic_dynamic_shapes(example_inputs, kwargs)
+            dynamic_shapes = automatic_dynamic_shapes(model, example_inputs, kwargs)
         try:
             ep = torch.export.export(model, example_inputs, kwargs, dynamic_shapes=dynamic_shapes, strict=strict)
         except Exception as exc:

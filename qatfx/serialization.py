@@ -17,7 +17,6 @@ of an unpickling error or, worse, a model computing something else.
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import logging
 import os
@@ -30,6 +29,7 @@ import torch.fx
 from torch.export import Dim, ExportedProgram
 from torch.utils import _pytree as pytree
 
+from qatfx.capture import automatic_dynamic_shapes, by_parameter_name, unviewed
 from qatfx.module import QATGraphModule, copy_sharing_tensors
 from qatfx.quantizer import Quantizer
 from qatfx.spec import PerChannel, PerGroup, PerTensor, PerToken, QuantSpec
@@ -109,13 +109,8 @@ def _export(module: torch.fx.GraphModule, args, kwargs, dynamic_shapes) -> Expor
         if args is None:
             args, kwargs, auto_shapes = _inputs_from_placeholders(module)
         else:  # every dim dynamic, as prepare_pt2e does
-            # clones: export guards on a view's ._base, which later plain inputs would fail
-            args, kwargs = pytree.tree_map(
-                lambda v: v.clone() if isinstance(v, torch.Tensor) else v,
-                (args if isinstance(args, tuple) else (args,), kwargs or {}),
-            )
-            auto = pytree.tree_map(lambda v: {i: Dim.AUTO for i in range(v.dim())} if isinstance(v, torch.Tensor) else None, (args, kwargs))
-            auto_shapes = _by_parameter_name(module, args, kwargs, *auto)
+            args, kwargs = unviewed(args if isinstance(args, tuple) else (args,), kwargs or {})
+            auto_shapes = automatic_dynamic_shapes(module, args, kwargs)
         dynamic_shapes = auto_shapes if dynamic_shapes is None else dynamic_shapes
         return torch.export.export(module, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as exc:
@@ -143,16 +138,7 @@ def _inputs_from_placeholders(module: torch.fx.GraphModule) -> tuple[tuple, dict
         return tuple(leaves), {}, tuple(specs)
     args, kwargs = pytree.tree_unflatten(leaves, in_spec)
     spec_args, spec_kwargs = pytree.tree_unflatten(specs, in_spec)
-    return tuple(args), dict(kwargs), _by_parameter_name(module, args, kwargs, spec_args, spec_kwargs)
-
-
-def _by_parameter_name(module, args, kwargs, spec_args, spec_kwargs) -> dict:
-    """Dynamic shapes keyed by forward's parameter names: how export matches them when
-    some inputs are keyword arguments."""
-    signature = inspect.signature(module.forward)
-    names = signature.bind(*args, **kwargs).arguments
-    shapes = signature.bind(*spec_args, **spec_kwargs).arguments
-    return {name: shapes[name] for name in names}
+    return tuple(args), dict(kwargs), by_parameter_name(module, args, kwargs, spec_args, spec_kwargs)
 
 
 def _program_tensors(ep: ExportedProgram) -> dict[str, torch.Tensor]:

@@ -13,7 +13,6 @@ import sys
 from dataclasses import dataclass, field
 from typing import Callable
 
-import pytest
 import torch
 
 VOCAB = 128
@@ -42,13 +41,10 @@ def logits(output) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output.logits
 
 
-def _transformers():
-    return pytest.importorskip("transformers")
-
-
 def _hf(config_name: str, model_name: str, **config) -> Callable[[], tuple[torch.nn.Module, int]]:
     def build():
-        transformers = _transformers()
+        import transformers  # a declared test dependency: a broken install fails, not skips
+
         defaults = dict(
             vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=MLP, num_hidden_layers=LAYERS,
             num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, head_dim=HIDDEN // HEADS,
@@ -67,7 +63,7 @@ def _hf(config_name: str, model_name: str, **config) -> Callable[[], tuple[torch
 
 
 def _gpt2():
-    transformers = _transformers()
+    import transformers  # a declared test dependency: a broken install fails, not skips
     config = transformers.GPT2Config(
         vocab_size=VOCAB, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_positions=64,
         n_inner=4 * HIDDEN, use_cache=False, attn_implementation="sdpa", bos_token_id=1, eos_token_id=2,
@@ -86,9 +82,7 @@ def install_torchtune_nf4_shim() -> None:
 
 
 def _torchtune_llama3_2():
-    pytest.importorskip("torchao")
     install_torchtune_nf4_shim()
-    pytest.importorskip("torchtune")
     from torchtune.models.llama3_2 import llama3_2
 
     torch.manual_seed(0)

@@ -88,7 +88,7 @@ def test_unsupported_output_type(strict):
 
 
 def test_hf_model_returning_a_kv_cache():
-    transformers = pytest.importorskip("transformers")
+    import transformers
     config = transformers.LlamaConfig(
         vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, use_cache=True,
@@ -139,3 +139,21 @@ def test_integer_input_into_float_linear():
     """torch.export accepts it (fake kernels skip the dtype check); eager would fail."""
     with pytest.raises(qatfx.CaptureError, match=r"(?s)Linear does not run: the model .*torch.int64 operand by a torch.float32"):
         qatfx.prepare_pt2e(nn.Linear(64, 64), Q(32), (torch.randint(0, 5, (2, 64)),))
+
+
+class WithKeywordInput(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(64, 64)
+
+    def forward(self, x, residual=None):
+        return self.proj(x) + (0 if residual is None else residual)
+
+
+def test_keyword_and_view_inputs_keep_every_dim_dynamic():
+    x, residual = torch.randn(2, 9, 64)[:, :-1], torch.randn(2, 8, 64)  # x is a view
+    prepared = qatfx.prepare_pt2e(
+        WithKeywordInput(), qatfx.Int8DynActInt4WeightQuantizer(32), (x,), example_kwargs={"residual": residual}
+    )
+    other = torch.randn(3, 5, 64)
+    assert prepared(other, residual=other).shape == (3, 5, 64)

@@ -21,20 +21,17 @@ from qatfx.passes.convert import _weight_param
 from qatfx.passes.insert_fake_quant import ROLE_META_KEY, fake_quant_nodes
 from qatfx.passes.linear_sites import get_attr_value
 from tests.model_zoo import FAMILIES, ModelSnapshot, logits
+from tests.models import tokens
 
 GROUP = 32
 Q = qatfx.Int8DynActInt4WeightQuantizer
-
-
-def _ids(vocab, batch, seq, seed):
-    return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
 
 
 def _prepare_checked(family):
     """Build, prepare, and check what prepare promises: the model untouched, the summary."""
     model, vocab = family.build()
     before = ModelSnapshot.of(model)
-    prepared = qatfx.prepare_pt2e(model, Q(GROUP), (_ids(vocab, 2, 8, 0),))
+    prepared = qatfx.prepare_pt2e(model, Q(GROUP), (tokens(2, 8, vocab, 0),))
     before.assert_unchanged(model)
 
     summary = qatfx.summary(prepared)
@@ -82,7 +79,7 @@ def _assert_prepared_equals_converted(prepared, converted, vocab):
     prepared.eval()
     with torch.no_grad():
         for batch, seq in [(3, 10), (1, 5)]:  # other sizes than the example: shapes stayed dynamic
-            ids = _ids(vocab, batch, seq, 100 + seq)
+            ids = tokens(batch, seq, vocab, 100 + seq)
             expected = logits(prepared(ids))
             assert expected.shape == (batch, seq, vocab) and torch.isfinite(expected).all()
             assert torch.equal(logits(converted(ids)), expected)
@@ -90,7 +87,7 @@ def _assert_prepared_equals_converted(prepared, converted, vocab):
 
 def _state_dict_round_trip(converted, target, vocab):
     """torch.save(converted.state_dict()) -> load into `target` (converted, other weights)."""
-    ids = _ids(vocab, 2, 9, 7)
+    ids = tokens(2, 9, vocab, 7)
     with torch.no_grad():
         expected = logits(converted(ids))
         assert not torch.equal(logits(target(ids)), expected)  # the load below does the work
@@ -112,7 +109,7 @@ def test_family(family):
 
     prepared.train()
     opt = torch.optim.AdamW(prepared.parameters(), lr=1e-3)
-    assert torch.isfinite(torch.tensor(_train_step(prepared, vocab, _ids(vocab, 2, 8, 1), opt)))
+    assert torch.isfinite(torch.tensor(_train_step(prepared, vocab, tokens(2, 8, vocab, 1), opt)))
 
     prepared.eval()
     converted = qatfx.convert_pt2e(prepared)
@@ -129,7 +126,7 @@ def test_family_compiled_training_and_save_load(family, tmp_path):
     prepared.train()
     compiled = torch.compile(prepared)
     opt = torch.optim.AdamW(prepared.parameters(), lr=1e-3)
-    losses = [_train_step(compiled, vocab, _ids(vocab, 2, seq, step), opt) for step, seq in enumerate([8, 12, 8])]
+    losses = [_train_step(compiled, vocab, tokens(2, seq, vocab, step), opt) for step, seq in enumerate([8, 12, 8])]
     assert torch.isfinite(torch.tensor(losses)).all()
 
     prepared.eval()
@@ -140,12 +137,11 @@ def test_family_compiled_training_and_save_load(family, tmp_path):
     # the state_dict loads into a model prepared and converted from a fresh export
     torch.manual_seed(1)
     fresh_model, _ = family.build()
-    fresh = qatfx.convert_pt2e(qatfx.prepare_pt2e(fresh_model, Q(GROUP), (_ids(vocab, 2, 8, 0),)).eval())
+    fresh = qatfx.convert_pt2e(qatfx.prepare_pt2e(fresh_model, Q(GROUP), (tokens(2, 8, vocab, 0),)).eval())
     _state_dict_round_trip(converted, fresh, vocab)
 
-    if hasattr(qatfx, "save"):  # qatfx/serialization.py
-        qatfx.save(converted, tmp_path / "model")
-        loaded = qatfx.load(tmp_path / "model")
-        ids = _ids(vocab, 3, 11, 8)
-        with torch.no_grad():
-            assert torch.equal(logits(loaded(ids)), logits(converted(ids)))
+    qatfx.save(converted, tmp_path / "model")
+    loaded = qatfx.load(tmp_path / "model")
+    ids = tokens(3, 11, vocab, 8)
+    with torch.no_grad():
+        assert torch.equal(logits(loaded(ids)), logits(converted(ids)))

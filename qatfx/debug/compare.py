@@ -31,7 +31,6 @@ import torch
 import torch.fx
 from torch.fx._pytree import tree_flatten_spec
 
-from qatfx.api import convert_pt2e
 from qatfx.debug.compare_report import (
     CompareReport,
     CompareRow,
@@ -46,8 +45,9 @@ from qatfx.debug.dumping import register_report
 from qatfx.debug.sites import Site, find_sites
 from qatfx.module import copy_sharing_tensors
 from qatfx.ops import fake_quantize
+from qatfx.passes.convert import convert
 from qatfx.passes.infra import resolve_dump_dir
-from qatfx.passes.insert_fake_quant import ROLE_META_KEY
+from qatfx.passes.insert_fake_quant import ROLE_META_KEY, fake_quant_nodes
 from qatfx.passes.train_eval import set_training_mode
 
 log = logging.getLogger("qatfx.debug")
@@ -164,6 +164,16 @@ def _eval_copy(module: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return copied.train(False)  # the graph is in eval already: this only sets the flags
 
 
+def _converted_copy(prepared: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """What convert_pt2e returns, with the convert pass applied directly for the same
+    reason as in _eval_copy: this private conversion must not appear in the dumps."""
+    converted = copy_sharing_tensors(prepared)
+    convert(converted)
+    converted.recompile()
+    converted.qatfx_stage = "converted"
+    return converted
+
+
 def _flat_inputs(gm: torch.fx.GraphModule, args: tuple) -> list:
     spec = getattr(gm, "_in_spec", None)
     return list(tree_flatten_spec((list(args), {}), spec)) if spec is not None else list(args)
@@ -195,10 +205,10 @@ def _models(quantized: torch.fx.GraphModule) -> dict:
     if stage == "converted":
         return {"converted": _eval_copy(quantized)}
     fake_quant = _eval_copy(quantized)
-    if not any(n.kwargs.get("enabled", True) for n in fake_quant.graph.nodes if n.target is fake_quantize):
+    if not any(n.kwargs.get("enabled", True) for n in fake_quant_nodes(fake_quant)):
         log.warning("qatfx compare: fake-quant is disabled in this module; its columns show the float model")
     log.info("qatfx compare: converting a copy of the prepared module to compare it too")
-    return {"fake_quant": fake_quant, "converted": convert_pt2e(fake_quant)}
+    return {"fake_quant": fake_quant, "converted": _converted_copy(fake_quant)}
 
 
 def compare(

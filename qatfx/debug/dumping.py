@@ -17,7 +17,6 @@ index; `QATFX_DUMP_DIR` gives each process a new folder instead.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import json
 import logging
@@ -53,8 +52,6 @@ RUN_BY = {
     "enable_fake_quant": "enable_fake_quant",
     "disable_fake_quant": "disable_fake_quant",
 }
-# Reports other qatfx tools write into a dump folder, linked from the index when present.
-KNOWN_REPORTS = {"compare.html": "compare.html: per-layer SQNR against the float model (qatfx.debug.compare)"}
 
 
 @contextlib.contextmanager
@@ -120,14 +117,10 @@ class DumpFolder:
         self.write_index()
 
     def write_index(self) -> None:
-        reports = dict(self.reports)
-        for filename, title in KNOWN_REPORTS.items():
-            if (self.path / filename).exists():
-                reports.setdefault(filename, title)
         header = {"folder": str(self.path.resolve())}
         for run in self.runs[-5:]:
             header[f"run (pid {run['pid']})"] = f"{run['started']}, torch {run['torch']}: {run['command']}"
-        text = pages.index_page(str(self.path), header, self.entries, sorted(reports.items()))
+        text = pages.index_page(str(self.path), header, self.entries, sorted(self.reports.items()))
         (self.path / INDEX).write_text(text)
 
 
@@ -138,8 +131,6 @@ def dump_folder(path: Union[str, os.PathLike]) -> DumpFolder:
     """This process's DumpFolder for `path` (one per folder, shared by every pass)."""
     key = (Path(path).resolve(), os.getpid())
     if key not in _FOLDERS:
-        if not _FOLDERS:
-            atexit.register(_refresh_indexes)
         _FOLDERS[key] = DumpFolder(Path(path))
     return _FOLDERS[key]
 
@@ -148,16 +139,6 @@ def register_report(path: Union[str, os.PathLike], title: str) -> None:
     """Link a report written into a dump folder (e.g. compare.html) from its index."""
     path = Path(path)
     dump_folder(path.parent).add_report(path.name, title)
-
-
-def _refresh_indexes() -> None:
-    # At exit, so reports written after the last pass (compare.html) are linked too.
-    for (_, pid), folder in list(_FOLDERS.items()):
-        if pid == os.getpid() and folder.path.is_dir():
-            try:
-                folder.write_index()
-            except OSError:
-                pass
 
 
 def _graph(graph_or_module: Union[torch.fx.GraphModule, torch.fx.Graph]) -> torch.fx.Graph:
