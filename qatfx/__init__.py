@@ -5,7 +5,7 @@
     q = convert_pt2e(m)
 """
 
-from qatfx import ops  # noqa: F401  registers the qatfx:: torch.library ops
+from qatfx import formats, ops  # noqa: F401  register the qatfx:: torch.library ops
 from qatfx.api import (
     FakeQuantAfterNSteps,
     convert_pt2e,

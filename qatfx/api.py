@@ -10,6 +10,8 @@ import torch
 import torch.fx
 
 from qatfx.capture import capture
+from qatfx.graph.meta import CONVERTED, PREPARED
+from qatfx.instrument.settings import resolve_dump_dir
 from qatfx.module import QATGraphModule, copy_sharing_tensors
 from qatfx.passes.annotate import annotate_pass
 from qatfx.passes.convert import convert
@@ -57,6 +59,7 @@ def prepare_pt2e(
     exported = capture(model, example_inputs, example_kwargs=example_kwargs, dynamic_shapes=dynamic_shapes, strict=strict)
     gm = copy_sharing_tensors(exported)
     gm.qatfx_dump_dir = None if dump_dir is None else str(dump_dir)
+    dump_dir = resolve_dump_dir(dump_dir)  # once: every pass of this call dumps to the same folder
     if isinstance(model, torch.nn.Module) and not isinstance(model, torch.fx.GraphModule):
         gm.train(model.training)
 
@@ -72,7 +75,7 @@ def prepare_pt2e(
     run_pass(gm, "insert_fake_quant", insert_fake_quant, dump_dir=dump_dir)
     if check_finite_requested(check_finite):
         run_pass(gm, "check_finite", insert_finite_checks, dump_dir=dump_dir)
-    gm.qatfx_stage = "prepared"
+    gm.qatfx_stage = PREPARED
     for report in gm.qatfx_layers:
         if not report.quantized:
             log.warning("qatfx: layer %s left in float: %s", report.layer, report.skip_reason)
@@ -88,7 +91,7 @@ def _require_stage(module: Any, stage: str, action: str) -> None:
     if current != stage:
         hint = {
             None: "it is not a qatfx module; call qatfx.prepare_pt2e(model, quantizer, example_inputs) first",
-            "converted": "it is already converted",
+            CONVERTED: "it is already converted",
         }.get(current, f"it is at stage {current!r}")
         raise ValueError(f"{action} needs a module returned by prepare_pt2e: {hint}")
 
@@ -97,10 +100,10 @@ def convert_pt2e(prepared: QATGraphModule, *, dump_dir: PathLike = None) -> QATG
     """Rewrite every fake-quant into quantize/dequantize ops with quantized (packed int4)
     weights computed from the current parameters. Returns a new module whose output equals
     `prepared`'s exactly; `prepared` is left as it was."""
-    _require_stage(prepared, "prepared", "convert_pt2e")
+    _require_stage(prepared, PREPARED, "convert_pt2e")
     gm = copy_sharing_tensors(prepared)
-    run_pass(gm, "convert", convert, dump_dir=dump_dir if dump_dir is not None else prepared.qatfx_dump_dir)
-    gm.qatfx_stage = "converted"
+    run_pass(gm, "convert", convert, dump_dir=resolve_dump_dir(dump_dir if dump_dir is not None else prepared.qatfx_dump_dir))
+    gm.qatfx_stage = CONVERTED
     return gm
 
 
@@ -111,8 +114,9 @@ def _unwrap_compiled(module: Any) -> Any:
 
 def _set_fake_quant(module: Any, enabled: bool) -> None:
     target = _unwrap_compiled(module)
-    _require_stage(target, "prepared", "enable_fake_quant / disable_fake_quant")
-    run_pass(target, "enable_fake_quant" if enabled else "disable_fake_quant", set_fake_quant_enabled(enabled), dump_dir=target.qatfx_dump_dir)
+    _require_stage(target, PREPARED, "enable_fake_quant / disable_fake_quant")
+    name = "enable_fake_quant" if enabled else "disable_fake_quant"
+    run_pass(target, name, set_fake_quant_enabled(enabled), dump_dir=resolve_dump_dir(target.qatfx_dump_dir))
 
 
 def disable_fake_quant(module: Any) -> None:

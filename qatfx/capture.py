@@ -12,8 +12,8 @@ import torch.fx
 from torch.export import Dim, ExportedProgram
 from torch.utils import _pytree as pytree
 
+from qatfx.graph.linear_sites import SITE_OPERANDS
 from qatfx.ops import fake_quantize
-from qatfx.passes.linear_sites import SITE_OPERANDS
 
 log = logging.getLogger("qatfx.capture")
 

@@ -2,7 +2,7 @@
 
     qatfx demo [--preset tiny|default|full] [--seeds N] [--text FILE] [--out DIR]
     qatfx finetune --model HF_DIR|builtin:charlm --text FILE --out DIR [--group-size G] ...
-    qatfx eval --model DIR --text FILE
+    qatfx eval --model OUT|HF_DIR|builtin:charlm --text FILE [--seq-len N]
 
 Bad arguments (a missing or non-text file, a group size that does not divide the model's
 linear sizes) are reported before any work starts, with exit code 2.
@@ -35,14 +35,14 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=Path, default=Path("qatfx_demo"), help="report directory (default: qatfx_demo)")
     demo.add_argument("--cache-dir", type=Path, help="corpus and float-model cache (default: $QATFX_CACHE_DIR or ~/.cache/qatfx)")
 
-    finetune = commands.add_parser("finetune", help="QAT-fine-tune your causal LM on your text, then convert")
+    finetune = commands.add_parser("finetune", help="QAT-fine-tune your causal LM on your text (and a float control, for the same steps), then convert")
     finetune.add_argument("--model", required=True, help="a transformers checkpoint directory, or builtin:charlm")
     finetune.add_argument("--text", type=Path, required=True, help="UTF-8 text file (last 5%% held out for test)")
-    finetune.add_argument("--out", type=Path, required=True, help="output directory")
+    finetune.add_argument("--out", type=Path, required=True, help="output directory: the converted model (qatfx.save format), its tokenizer, the report")
     finetune.add_argument("--group-size", type=_positive_int, default=32)
     finetune.add_argument("--steps", type=_positive_int, default=100)
     finetune.add_argument("--lr", type=float, default=1e-4)
-    finetune.add_argument("--fake-quant-after", type=int, default=0, help="train in float for N steps first (torchtune's fake_quant_after_n_steps)")
+    finetune.add_argument("--fake-quant-after", type=int, default=0, help="train in float for N < --steps steps first (torchtune's fake_quant_after_n_steps)")
     finetune.add_argument("--batch-size", type=_positive_int, default=8)
     finetune.add_argument("--seq-len", type=_positive_int, default=128)
     finetune.add_argument("--eager", action="store_true", help="train without torch.compile (debugging, tiny models)")
@@ -50,20 +50,24 @@ def _parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("eval", help="test perplexity of a finetune output (or a float model) on a text file")
     evaluate.add_argument("--model", required=True, help="a `qatfx finetune` output directory, a transformers directory, or builtin:charlm")
     evaluate.add_argument("--text", type=Path, required=True)
-    evaluate.add_argument("--seq-len", type=_positive_int, default=128)
+    evaluate.add_argument("--seq-len", type=_positive_int, help="window length (default: the finetune output's, else 128)")
     return parser
 
 
-def _check_model_source(parser: argparse.ArgumentParser, model: str) -> None:
-    from qatfx.recipes.finetune import BUILTIN_MODELS
+def _check_model_source(parser: argparse.ArgumentParser, model: str, command: str) -> None:
+    from qatfx.recipes.finetune import BUILTIN_MODELS, is_finetune_output
 
     if model in BUILTIN_MODELS:
         return
     path = Path(model)
     if not path.is_dir():
         parser.error(f"--model {model}: not a directory; give a transformers checkpoint directory or one of {sorted(BUILTIN_MODELS)}")
-    if not (path / "config.json").exists() and not (path / "qatfx_model.json").exists():
-        parser.error(f"--model {model}: no config.json (a transformers save_pretrained directory) or qatfx_model.json (a finetune output)")
+    if command == "finetune" and is_finetune_output(path):
+        parser.error(f"--model {model}: a `qatfx finetune` output (a converted model); finetune starts from a float "
+                     "transformers checkpoint: pass the directory the first finetune started from")
+    if not (path / "config.json").exists() and not (command == "eval" and is_finetune_output(path)):
+        also = " or a `qatfx finetune` output (qatfx_manifest.json)" if command == "eval" else ""
+        parser.error(f"--model {model}: no config.json; give a transformers save_pretrained directory{also}")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -71,14 +75,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from qatfx.recipes.corpus import CorpusError, load_text
+    from qatfx.serialization import SerializationError
 
     try:
         if args.text is not None:
             load_text(args.text)  # fail early on a missing, empty or binary file
         if args.command in ("finetune", "eval"):
-            _check_model_source(parser, args.model)
+            _check_model_source(parser, args.model, args.command)
         return _run(args)
-    except (CorpusError, ValueError) as error:
+    except (CorpusError, ValueError, SerializationError) as error:  # SerializationError: eval of a damaged save
         parser.error(str(error))  # exits with status 2
     return 2
 

@@ -14,6 +14,8 @@ from typing import Optional
 import torch
 import torch.fx
 
+from qatfx.graph.meta import CAPTURED
+from qatfx.instrument.settings import resolve_dump_dir
 from qatfx.passes.infra import run_pass
 from qatfx.passes.train_eval import graph_training_mode, set_training_mode
 
@@ -37,7 +39,8 @@ class QATGraphModule(torch.fx.GraphModule):
     def train(self, mode: bool = True) -> "QATGraphModule":
         super().train(mode)
         if graph_training_mode(self.graph) not in (None, mode):
-            run_pass(self, "train" if mode else "eval", set_training_mode(mode), dump_dir=self.qatfx_dump_dir)
+            dump_dir = resolve_dump_dir(self.qatfx_dump_dir)
+            run_pass(self, "train" if mode else "eval", set_training_mode(mode), dump_dir=dump_dir)
         return self
 
     def __deepcopy__(self, memo):
@@ -60,7 +63,7 @@ def copy_sharing_tensors(gm: torch.fx.GraphModule) -> QATGraphModule:
         if hasattr(copied, attr):
             setattr(module, attr, getattr(copied, attr))
     module.meta = dict(getattr(copied, "meta", {}))
-    module.qatfx_stage = "captured"
+    module.qatfx_stage = CAPTURED
     module.qatfx_layers = []
     module.qatfx_dump_dir = None
     mode = graph_training_mode(module.graph)

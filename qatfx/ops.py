@@ -4,9 +4,10 @@
   a graph dump, but decomposed into plain aten math (reference.fake_quantize) by autograd
   and by torch.compile, so Inductor fuses it with its neighbours and autograd derives the
   straight-through gradient.
-- `qatfx::quantize_dynamic`, `qatfx::dequantize`, `qatfx::dequantize_int4` (convert) are
-  opaque custom ops with fake (meta) kernels: they survive torch.export save/load and the
-  lowering passes (`qatfx.lowering`) decide what each becomes.
+- `qatfx::quantize_dynamic` and `qatfx::dequantize` (convert) are opaque custom ops with
+  fake (meta) kernels: they survive torch.export save/load and the lowering passes
+  (`qatfx.lowering`) decide what each becomes. Each weight format (qatfx/formats/) defines
+  its own dequantize op beside its packing; `qatfx::dequantize` is the plain-codes one.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from typing import Optional
 import torch
 
 from qatfx import reference
-from qatfx.spec import ROW
 
 _lib = torch.library.Library("qatfx", "DEF")
 
@@ -95,37 +95,6 @@ def _(q, scale, zero, group_size, out_dtype):
     return torch.empty_like(q, dtype=out_dtype)
 
 
-@torch.library.custom_op("qatfx::dequantize_int4", mutates_args=())
-def _dequantize_int4(
-    packed: torch.Tensor,
-    scales: torch.Tensor,
-    group_sums: torch.Tensor,
-    group_size: int,
-    out_dtype: torch.dtype,
-) -> torch.Tensor:
-    """Symmetric int4 weight in the packed format convert writes -> (N, K) out_dtype.
-
-    The packed format is three tensors: `packed` (N, K // 2) uint8 (layout in
-    reference.pack_int4), `scales` (N, K // G) and `group_sums` (N, K // G) int16, the sum
-    of the int4 values of each group (reference.int4_group_sums). Dequantization does not need the sums; the fused
-    int8 x int4 kernel does (the activation zero-point correction), and carrying them in
-    the op keeps them visible to the lowering pass.
-    """
-    q = reference.unpack_int4(packed, _int4_tile(packed, group_size))
-    return reference.dequantize(q, scales, None, group_size, out_dtype)
-
-
-def _int4_tile(packed: torch.Tensor, group_size: int) -> int:
-    return 2 * packed.shape[-1] if group_size == ROW else group_size
-
-
-@_dequantize_int4.register_fake
-def _(packed, scales, group_sums, group_size, out_dtype):
-    n, half_k = packed.shape
-    return packed.new_empty((n, 2 * half_k), dtype=out_dtype)
-
-
 # The OpOverloads graphs hold (what convert inserts and the lowering matches).
 quantize_dynamic = torch.ops.qatfx.quantize_dynamic.default
 dequantize = torch.ops.qatfx.dequantize.default
-dequantize_int4 = torch.ops.qatfx.dequantize_int4.default

@@ -12,7 +12,8 @@ from typing import Iterable, Optional, Union
 import torch
 import torch.fx
 
-from qatfx.passes.linear_sites import LinearSite, find_linear_sites, get_attr_value
+from qatfx.graph.linear_sites import LinearSite, find_linear_sites, get_attr_value
+from qatfx.graph.meta import ANNOTATION_KEY
 from qatfx.spec import (
     PerChannel,
     PerGroup,
@@ -21,7 +22,6 @@ from qatfx.spec import (
     int8_per_token_activation,
 )
 
-ANNOTATION_KEY = "qatfx_annotation"
 SUPPORTED_WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 

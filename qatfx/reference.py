@@ -159,22 +159,35 @@ def dequantize(
 
 # ---- int4 packing -------------------------------------------------------------------------
 #
-# Two int4 values per byte. Within each tile of `tile` consecutive elements along K, the low
+# Two 4-bit values per byte. Within each tile of `tile` consecutive elements along K, the low
 # nibbles hold the first half of the tile and the high nibbles the second half, so a kernel
-# reading one tile does two dots on contiguous halves with no interleave. Nibbles are two's
-# complement.
+# reading one tile does two dots on contiguous halves with no interleave. Which value a
+# nibble holds (a two's complement int4, or an unsigned code) is the weight format's choice
+# (qatfx/formats/); these functions only move nibbles.
+
+
+def pack_nibbles(nibbles: torch.Tensor, tile: int) -> torch.Tensor:
+    """(N, K) integers in [0, 15] -> (N, K // 2) uint8 in the tiled layout above."""
+    n, k = nibbles.shape
+    if tile % 2 or k % tile:
+        raise ValueError(f"int4 packing needs an even tile dividing K; got K={k}, tile={tile}")
+    halves = nibbles.reshape(n, k // tile, 2, tile // 2).to(torch.int16)
+    packed = halves[:, :, 0] | (halves[:, :, 1] << 4)
+    return packed.to(torch.uint8).reshape(n, k // 2)
+
+
+def unpack_nibbles(packed: torch.Tensor, tile: int) -> torch.Tensor:
+    """(N, K // 2) uint8 -> (N, K) int16 in [0, 15]; exact inverse of `pack_nibbles`."""
+    n, half_k = packed.shape
+    p = packed.to(torch.int16).reshape(n, (2 * half_k) // tile, 1, tile // 2)
+    return torch.cat([p & 0xF, (p >> 4) & 0xF], dim=2).reshape(n, 2 * half_k)
 
 
 def pack_int4(q: torch.Tensor, tile: int) -> torch.Tensor:
-    """(N, K) int8 in [-8, 7] -> (N, K // 2) uint8."""
-    n, k = q.shape
-    if tile % 2 or k % tile:
-        raise ValueError(f"pack_int4 needs an even tile dividing K; got K={k}, tile={tile}")
+    """(N, K) int8 in [-8, 7] -> (N, K // 2) uint8, nibbles in two's complement."""
     if q.numel() and (int(q.min()) < -8 or int(q.max()) > 7):
         raise ValueError("pack_int4 got values outside [-8, 7]")
-    halves = q.reshape(n, k // tile, 2, tile // 2).to(torch.int16) & 0xF
-    packed = halves[:, :, 0] | (halves[:, :, 1] << 4)
-    return packed.to(torch.uint8).reshape(n, k // 2)
+    return pack_nibbles(q.to(torch.int16) & 0xF, tile)
 
 
 def int4_group_sums(q: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -188,8 +201,5 @@ def int4_group_sums(q: torch.Tensor, group_size: int) -> torch.Tensor:
 
 def unpack_int4(packed: torch.Tensor, tile: int) -> torch.Tensor:
     """(N, K // 2) uint8 -> (N, K) int8; exact inverse of `pack_int4`."""
-    n, half_k = packed.shape
-    p = packed.to(torch.int16).reshape(n, (2 * half_k) // tile, 1, tile // 2)
-    nibbles = torch.cat([p & 0xF, (p >> 4) & 0xF], dim=2)
     # Sign-extend a 4-bit two's complement value: (v ^ 8) - 8.
-    return ((nibbles ^ 8) - 8).to(torch.int8).reshape(n, 2 * half_k)
+    return ((unpack_nibbles(packed, tile) ^ 8) - 8).to(torch.int8)

@@ -30,6 +30,8 @@ from torch.export import Dim, ExportedProgram
 from torch.utils import _pytree as pytree
 
 from qatfx.capture import automatic_dynamic_shapes, by_parameter_name, unviewed
+from qatfx.formats import format_named
+from qatfx.graph.meta import CONVERTED
 from qatfx.module import QATGraphModule, copy_sharing_tensors
 from qatfx.quantizer import Quantizer
 from qatfx.spec import PerChannel, PerGroup, PerTensor, PerToken, QuantSpec
@@ -43,8 +45,6 @@ PROGRAM_FILE = "program.pt2"
 WEIGHTS_FILE = "weights.safetensors"
 MANIFEST_FILE = "qatfx_manifest.json"
 
-# The parts convert registers per quantized layer, as `<weight>_<part>`.
-_LAYER_PARTS = ("packed", "scales", "group_sums", "zeros")
 _GRANULARITIES = {"PerToken": PerToken, "PerChannel": PerChannel, "PerGroup": PerGroup, "PerTensor": PerTensor}
 
 PathLike = Union[str, os.PathLike]
@@ -73,7 +73,7 @@ def save(
     Returns the directory.
     """
     module = getattr(converted, "_orig_mod", converted)  # a torch.compile wrapper
-    if getattr(module, "qatfx_stage", None) != "converted":
+    if getattr(module, "qatfx_stage", None) != CONVERTED:
         raise SerializationError(
             "qatfx.save needs a module returned by qatfx.convert_pt2e "
             f"(got {'a module at stage ' + repr(module.qatfx_stage) if hasattr(module, 'qatfx_stage') else type(module).__name__}); "
@@ -238,11 +238,12 @@ def _elements_per_scale(spec: QuantSpec, k: int) -> int:
 
 def _layer_tensors(report: LayerReport, names: set) -> dict[str, str]:
     """Which saved tensors hold this layer. Convert names its buffers `<param>_<part>`, and
-    a layer is its weight parameter's name without `.weight` (passes/linear_sites.py)."""
+    a layer is its weight parameter's name without `.weight` (graph/linear_sites.py)."""
     found = {}
     for base in (f"{report.layer}.weight", report.layer):
         if report.quantized:
-            found.update({part: f"{base}_{part}" for part in _LAYER_PARTS if f"{base}_{part}" in names})
+            parts = report.weight_format.parts
+            found.update({part: f"{base}_{part}" for part in parts if f"{base}_{part}" in names})
         elif base in names:
             found["weight"] = base
         if found:
@@ -267,6 +268,7 @@ def _manifest(module: QATGraphModule, tensors: dict[str, torch.Tensor], aliases:
         if report.quantized:
             schemes.add((scheme_name(report.input_spec, report.weight_spec), json.dumps(spec_to_json(report.input_spec)), json.dumps(spec_to_json(report.weight_spec))))
             entry.update(
+                format=report.weight_format.name,
                 group_size=_elements_per_scale(report.weight_spec, report.shape[1]),
                 activation=spec_to_json(report.input_spec),
                 weight=spec_to_json(report.weight_spec),
@@ -318,6 +320,7 @@ def load(path: PathLike, *, scheme: Union[str, Quantizer, None] = None) -> QATGr
     manifest = read_manifest(directory)
     if scheme is not None:
         _check_scheme(manifest, scheme, directory)
+    _check_formats(manifest, directory)
     for name in (PROGRAM_FILE, WEIGHTS_FILE):
         _check_file(directory, name, manifest["files"].get(name))
     _check_tensors(_safetensors_header(directory / WEIGHTS_FILE), manifest, WEIGHTS_FILE, skip=set(manifest["aliases"]))
@@ -333,7 +336,7 @@ def load(path: PathLike, *, scheme: Union[str, Quantizer, None] = None) -> QATGr
         {name: (t.dtype, tuple(t.shape)) for name, t in _program_tensors(ep).items()}, manifest, PROGRAM_FILE, skip=set()
     )
     module = copy_sharing_tensors(ep.module())
-    module.qatfx_stage = "converted"
+    module.qatfx_stage = CONVERTED
     module.qatfx_layers = [_report_from_json(layer) for layer in manifest["layers"]]
     return module
 
@@ -396,6 +399,20 @@ def _check_scheme(manifest: dict, expected: Union[str, Quantizer], directory: Pa
             f"{directory} holds a {found} model, not the expected {wanted}; load the save made with that "
             "scheme, or drop scheme= to accept what is there"
         )
+
+
+def _check_formats(manifest: dict, directory: Path) -> None:
+    """Every weight format the save names is one this qatfx knows (older saves name none)."""
+    for layer in manifest["layers"]:
+        if "format" not in layer:
+            continue
+        try:
+            format_named(layer["format"])
+        except ValueError as exc:
+            raise SerializationError(
+                f"{directory / MANIFEST_FILE}: layer {layer['name']}: {exc}; load it with the qatfx version that "
+                f"saved it ({manifest.get('qatfx_version', 'unknown')}) or a newer one"
+            ) from None
 
 
 def _check_file(directory: Path, name: str, record: Optional[dict]) -> None:

@@ -9,9 +9,11 @@ from typing import Optional
 import torch
 import torch.fx
 
-from qatfx.passes.linear_sites import find_linear_sites, get_attr_value
-from qatfx.quantizer import ANNOTATION_KEY, LinearAnnotation
-from qatfx.spec import PerGroup, QuantSpec
+from qatfx.formats import WeightFormat, format_for
+from qatfx.graph.linear_sites import find_linear_sites, get_attr_value
+from qatfx.graph.meta import ANNOTATION_KEY
+from qatfx.quantizer import LinearAnnotation
+from qatfx.spec import QuantSpec
 
 
 @dataclass(frozen=True)
@@ -34,16 +36,16 @@ class LayerReport:
         return n * k * self.weight_dtype.itemsize
 
     @property
+    def weight_format(self) -> Optional[WeightFormat]:
+        """How convert stores the weight (qatfx/formats/); None for a float layer."""
+        return format_for(self.weight_spec) if self.quantized else None
+
+    @property
     def quantized_bytes(self) -> int:
-        """Bytes of the converted weight: packed integers + scales (+ zero points)."""
+        """Bytes of the converted weight: every part its format stores."""
         if not self.quantized:
             return self.float_bytes
-        spec = self.weight_spec
-        n, k = self.shape
-        value_bytes = n * k // 2 if spec.bits == 4 else n * k
-        groups = n * (k // spec.granularity.group_size if isinstance(spec.granularity, PerGroup) else 1)
-        scale_bytes = groups * (spec.scale_dtype or self.weight_dtype).itemsize
-        return value_bytes + scale_bytes * (1 if spec.symmetric else 2)
+        return self.weight_format.nbytes(self.weight_spec, self.shape, self.weight_dtype)
 
 
 @dataclass(frozen=True)

@@ -1,66 +1,30 @@
-"""Small models the tests share: a Llama-style transformer block written in plain torch."""
+"""Test-sized builds of the toy Llama (qatfx/recipes/model.py), the one model the tests share.
+
+`TinyLM` and `Block` keep the names and defaults of the classes they replace, so call sites
+are unchanged: no RoPE, a biased o_proj (a linear with bias to quantize), dropout 0.1, a
+tied head, PyTorch's default init, all as before.
+"""
 
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
+
+from qatfx.recipes.model import Block as _Block
+from qatfx.recipes.model import CausalLM, LMConfig
 
 
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x):
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+def _config(vocab: int = 96, dim: int = 64, layers: int = 2, hidden: int = 128, heads: int = 4, dropout: float = 0.1, tie: bool = True) -> LMConfig:
+    return LMConfig(vocab_size=vocab, dim=dim, layers=layers, heads=heads, hidden=hidden, rope=False, o_proj_bias=True, tie_embeddings=tie, dropout=dropout, init_std=None)
 
 
-class Block(nn.Module):
-    """RMSNorm -> causal attention (q/k/v/o) -> RMSNorm -> SwiGLU MLP, with dropout."""
-
-    def __init__(self, dim: int = 64, hidden: int = 128, heads: int = 4, dropout: float = 0.1) -> None:
-        super().__init__()
-        self.heads = heads
-        self.attn_norm = RMSNorm(dim)
-        self.q_proj = nn.Linear(dim, dim, bias=False)
-        self.k_proj = nn.Linear(dim, dim, bias=False)
-        self.v_proj = nn.Linear(dim, dim, bias=False)
-        self.o_proj = nn.Linear(dim, dim, bias=True)
-        self.mlp_norm = RMSNorm(dim)
-        self.gate_proj = nn.Linear(dim, hidden, bias=False)
-        self.up_proj = nn.Linear(dim, hidden, bias=False)
-        self.down_proj = nn.Linear(hidden, dim, bias=False)
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, x):
-        b, t, d = x.shape
-        h = self.attn_norm(x)
-        q, k, v = (p(h).view(b, t, self.heads, d // self.heads).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.dropout(self.o_proj(a.transpose(1, 2).reshape(b, t, d)))
-        h = self.mlp_norm(x)
-        return x + self.dropout(self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h)))
+def Block(dim: int = 64, hidden: int = 128, heads: int = 4, dropout: float = 0.1) -> _Block:
+    """RMSNorm -> causal attention (q/k/v/o) -> RMSNorm -> SwiGLU MLP, with dropout; called as block(x)."""
+    return _Block(_config(dim=dim, hidden=hidden, heads=heads, dropout=dropout))
 
 
-class TinyLM(nn.Module):
+def TinyLM(vocab: int = 96, dim: int = 64, layers: int = 2, tie: bool = True) -> CausalLM:
     """Embedding -> blocks -> norm -> lm_head tied to the embedding."""
-
-    def __init__(self, vocab: int = 96, dim: int = 64, layers: int = 2, tie: bool = True) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(vocab, dim)
-        self.blocks = nn.ModuleList(Block(dim) for _ in range(layers))
-        self.norm = RMSNorm(dim)
-        self.lm_head = nn.Linear(dim, vocab, bias=False)
-        if tie:
-            self.lm_head.weight = self.embed.weight
-
-    def forward(self, tokens):
-        x = self.embed(tokens)
-        for block in self.blocks:
-            x = block(x)
-        return self.lm_head(self.norm(x))
+    return CausalLM(_config(vocab=vocab, dim=dim, layers=layers, tie=tie))
 
 
 def tokens(batch: int = 2, seq: int = 8, vocab: int = 96, seed: int = 0) -> torch.Tensor:

@@ -220,7 +220,7 @@ def test_symbolic_trace_graph_is_rejected():
 def test_missing_example_inputs_and_export_failure():
     with pytest.raises(ValueError, match="example_inputs"):
         qatfx.prepare_pt2e(TinyLM(), Q(32))
-    with pytest.raises(qatfx.CaptureError, match="(?s)torch.export could not capture TinyLM.*Hints"):
+    with pytest.raises(qatfx.CaptureError, match="(?s)torch.export could not capture CausalLM.*Hints"):
         qatfx.prepare_pt2e(TinyLM(), Q(32), (torch.randn(2, 3, 4),))
 
 

@@ -12,7 +12,7 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 def test_quickstart_runs_and_converted_equals_prepared(capsys):
     runpy.run_path(str(EXAMPLES / "quickstart.py"), run_name="__main__")
     out = capsys.readouterr().out
-    assert "3 quantized, 0 skipped" in out
+    assert "8 quantized, 0 skipped" in out  # 1 block: q, k, v, o, gate, up, down; lm_head
     assert "converted == prepared exactly: True" in out
 
 

@@ -19,7 +19,7 @@ import qatfx
 from qatfx import reference
 from qatfx.passes.convert import _weight_param
 from qatfx.passes.insert_fake_quant import ROLE_META_KEY, fake_quant_nodes
-from qatfx.passes.linear_sites import get_attr_value
+from qatfx.graph.linear_sites import get_attr_value
 from tests.model_zoo import FAMILIES, ModelSnapshot, logits
 from tests.models import tokens
 

@@ -117,7 +117,7 @@ def test_dequantize_int4_op_matches_reference():
     scale, _ = reference.choose_qparams(w, -8, 7, 32, True, torch.finfo(torch.float32).eps, torch.float32)
     q = reference.quantize(w, scale, None, -8, 7, 32)
     sums = reference.int4_group_sums(q, 32)
-    out = ops.dequantize_int4(reference.pack_int4(q, 32), scale, sums, 32, torch.float32)
+    out = torch.ops.qatfx.dequantize_int4(reference.pack_int4(q, 32), scale, sums, 32, torch.float32)
     assert torch.equal(out, reference.dequantize(q, scale, None, 32, torch.float32))
 
 

@@ -265,7 +265,7 @@ def test_manifest_is_enough_to_dequantize_a_layer_elsewhere(saved):
     weight = (q.float() * scales.unsqueeze(-1)).view(n, k)
     sums = weights[layer["tensors"]["group_sums"]]
     assert torch.equal(q.sum(-1, dtype=torch.int16), sums)
-    assert torch.equal(weight, qatfx.ops.dequantize_int4(packed, scales, sums, g, torch.float32))
+    assert torch.equal(weight, torch.ops.qatfx.dequantize_int4(packed, scales, sums, g, torch.float32))
 
 
 @pytest.mark.long  # two Inductor compiles with the qatfx backend, ~50 s on 2 cores

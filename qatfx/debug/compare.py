@@ -41,13 +41,14 @@ from qatfx.debug.compare_report import (
     sort_key,
     sqnr_db,
 )
-from qatfx.debug.dumping import register_report
 from qatfx.debug.sites import Site, find_sites
+from qatfx.graph.meta import CONVERTED, PREPARED, ROLE_META_KEY, WEIGHT
+from qatfx.instrument.dumping import register_report
+from qatfx.instrument.settings import resolve_dump_dir
 from qatfx.module import copy_sharing_tensors
 from qatfx.ops import fake_quantize
 from qatfx.passes.convert import convert
-from qatfx.passes.infra import resolve_dump_dir
-from qatfx.passes.insert_fake_quant import ROLE_META_KEY, fake_quant_nodes
+from qatfx.passes.insert_fake_quant import fake_quant_nodes
 from qatfx.passes.train_eval import set_training_mode
 
 log = logging.getLogger("qatfx.debug")
@@ -148,7 +149,7 @@ class _SiteInterpreter(torch.fx.Interpreter):
                 values[node] = self.fetch_attr(node.target)
                 continue
             args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), fetch)
-            if node.target is fake_quantize and node.meta.get(ROLE_META_KEY) == "weight" and not quantize_weight:
+            if node.target is fake_quantize and node.meta.get(ROLE_META_KEY) == WEIGHT and not quantize_weight:
                 values[node] = args[0]  # fake-quant off: the float weight
             else:
                 values[node] = node.target(*args, **kwargs)
@@ -170,7 +171,7 @@ def _converted_copy(prepared: torch.fx.GraphModule) -> torch.fx.GraphModule:
     converted = copy_sharing_tensors(prepared)
     convert(converted)
     converted.recompile()
-    converted.qatfx_stage = "converted"
+    converted.qatfx_stage = CONVERTED
     return converted
 
 
@@ -197,12 +198,12 @@ def _batches(inputs: Any) -> list[tuple]:
 
 def _models(quantized: torch.fx.GraphModule) -> dict:
     stage = getattr(quantized, "qatfx_stage", None)
-    if stage not in ("prepared", "converted"):
+    if stage not in (PREPARED, CONVERTED):
         raise TypeError(
             f"compare needs a module returned by qatfx.prepare_pt2e or convert_pt2e, got {type(quantized).__name__}"
             + (f" at stage {stage!r}" if stage else "")
         )
-    if stage == "converted":
+    if stage == CONVERTED:
         return {"converted": _eval_copy(quantized)}
     fake_quant = _eval_copy(quantized)
     if not any(n.kwargs.get("enabled", True) for n in fake_quant_nodes(fake_quant)):

@@ -20,9 +20,10 @@ from typing import Any, Optional
 import torch
 import torch.fx
 
+from qatfx.graph.linear_sites import SITE_OPERANDS, TRANSPOSES
+from qatfx.graph.meta import ANNOTATION_KEY
 from qatfx.ops import fake_quantize
-from qatfx.passes.linear_sites import SITE_OPERANDS, TRANSPOSES
-from qatfx.quantizer import ANNOTATION_KEY, LinearAnnotation
+from qatfx.quantizer import LinearAnnotation
 
 aten = torch.ops.aten
 

@@ -10,7 +10,8 @@ runs first: from torch 2.13 the slot takes a list; before, one pass, so we chain
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import os
+from typing import Any, Optional, Union
 
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass
@@ -57,10 +58,16 @@ def _existing_passes(options: dict[str, Any]) -> list[Any]:
     return [p for p in current if not isinstance(p, QATFXGraphPass)]
 
 
-def inductor_options(options: Optional[dict[str, Any]] = None, config: LoweringConfig = LoweringConfig()) -> dict[str, Any]:
-    """A copy of `options` (Inductor config for one compile) with qatfx's pass added."""
+def inductor_options(
+    options: Optional[dict[str, Any]] = None,
+    config: LoweringConfig = LoweringConfig(),
+    *,
+    dump_dir: Optional[Union[str, os.PathLike]] = None,
+) -> dict[str, Any]:
+    """A copy of `options` (Inductor config for one compile) with qatfx's pass added;
+    `dump_dir` sends the pass's stage dumps there (see QATFXGraphPass)."""
     merged = dict(options or {})
-    passes = [*_existing_passes(merged), QATFXGraphPass(config)]
+    passes = [*_existing_passes(merged), QATFXGraphPass(config, dump_dir)]
     if len(passes) == 1:
         merged[SLOT] = passes[0]
     elif _slot_takes_list():
@@ -74,17 +81,19 @@ def qatfx_backend(gm: torch.fx.GraphModule, example_inputs: list, **kwargs: Any)
     """Dynamo backend "qatfx": Inductor with the qatfx lowering pass for this compile.
 
     Accepts torch.compile's `options=` (Inductor config, merged as in `inductor_options`;
-    they override qatfx's defaults) and `mode=` (an Inductor mode such as
-    "reduce-overhead" or "max-autotune").
+    they override qatfx's defaults, and two keys are qatfx's own: "qatfx", a
+    LoweringConfig, and "qatfx_dump_dir", the folder the lowering stages dump to) and
+    `mode=` (an Inductor mode such as "reduce-overhead" or "max-autotune").
     """
     from torch._inductor.compile_fx import compile_fx
 
     options = dict(kwargs.pop("options", None) or {})
     config = options.pop("qatfx", LoweringConfig())
+    dump_dir = options.pop("qatfx_dump_dir", None)
     mode = kwargs.pop("mode", None)
     if kwargs:
         raise TypeError(f"backend 'qatfx' got unexpected arguments {sorted(kwargs)}; pass Inductor settings in options=")
-    patches = {**_NUMERICS, **_mode_options(mode), **inductor_options(options, config)}
+    patches = {**_NUMERICS, **_mode_options(mode), **inductor_options(options, config, dump_dir=dump_dir)}
     return compile_fx(gm, example_inputs, config_patches=patches)
 
 

@@ -24,18 +24,19 @@ import dataclasses
 import functools
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
-from qatfx.debug.lowering import LoweringRecorder
+from qatfx.instrument.lowering import LoweringRecorder
+from qatfx.instrument.settings import resolve_dump_dir
 from qatfx.lowering import patterns
 from qatfx.lowering.rewrite import apply_until_fixed_point, build_pass
 from qatfx.ops import dequantize
-from qatfx.passes.infra import resolve_dump_dir
 
 log = logging.getLogger("qatfx.lowering")
 
@@ -56,10 +57,10 @@ def _compiled_patterns(stage: str):
 
 
 def _source_files() -> tuple[str, ...]:
-    """Every qatfx source whose change changes compiled code (patterns, ops, kernels)."""
+    """Every qatfx source whose change changes compiled code (patterns, formats, ops, kernels)."""
     package = Path(__file__).resolve().parents[1]
-    lowering = sorted(str(p) for p in (package / "lowering").rglob("*.py"))
-    return (*lowering, str(package / "ops.py"), str(package / "reference.py"), str(package / "spec.py"))
+    sources = sorted(str(p) for folder in ("lowering", "formats") for p in (package / folder).rglob("*.py"))
+    return (*sources, str(package / "ops.py"), str(package / "reference.py"), str(package / "spec.py"))
 
 
 def duplicate_shared_dequantize(graph: torch.fx.Graph) -> int:
@@ -91,13 +92,17 @@ def _is_qatfx_op(target) -> bool:
 
 
 class QATFXGraphPass(CustomGraphPass):
-    def __init__(self, config: LoweringConfig = LoweringConfig()) -> None:
+    """`dump_dir`: dump the stages into this folder; None dumps where a `qatfx.debug.dump()`
+    block or QATFX_DUMP_DIR says while the compile runs, or nowhere."""
+
+    def __init__(self, config: LoweringConfig = LoweringConfig(), dump_dir: Optional[Union[str, os.PathLike]] = None) -> None:
         self.config = config
+        self.dump_dir = dump_dir
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         if not any(_is_qatfx_op(n.target) for n in graph.nodes):
             return
-        record = LoweringRecorder(graph)  # logs, dumps, TORCH_TRACE: each only when on
+        record = LoweringRecorder(graph, self.dump_dir)  # logs, dumps, TORCH_TRACE: each only when on
         if self.config.fuse_linear:
             with record.stage("fuse_linear"):
                 duplicate_shared_dequantize(graph)
@@ -114,7 +119,7 @@ class QATFXGraphPass(CustomGraphPass):
         graph.lint()
 
     def uuid(self) -> Optional[bytes]:
-        if resolve_dump_dir(None) is not None:
+        if resolve_dump_dir(self.dump_dir) is not None:
             # No key: Inductor bypasses its FX graph cache, so the pass runs and is dumped
             # (a cache hit would skip it).
             return None

@@ -2,13 +2,14 @@
 
 Three stages, each a list of `Rewrite(name, pattern, replacement, ...)`:
 
-FUSE_LINEAR    dequantize(activation) + dequantize_int4(weight) + mm/addmm -> w4a8_linear
+FUSE_LINEAR    dequantize(activation) + dequantize_int4(weight, int4_packed format) + mm/addmm
+               -> w4a8_linear
 FUSE_EPILOGUE  relu / gelu / silu, residual add and output cast after a w4a8_linear
                -> the fused op's epilogue arguments
-DECOMPOSE      what is left of qatfx's opaque ops -> their aten math (reference.py), so
-               Inductor fuses the per-token activation quantization into one kernel with
-               the op before it (RMSNorm, residual add) and an unfused dequantize with its
-               consumer.
+DECOMPOSE      what is left of qatfx's opaque ops -> their aten math (reference.py, and
+               each weight format's own rule from qatfx/formats/), so Inductor fuses the
+               per-token activation quantization into one kernel with the op before it
+               (RMSNorm, residual add) and an unfused dequantize with its consumer.
 
 Patterns are written in the normalized post-grad form: `F.linear` on a (..., K) input is
 reshape -> mm (addmm with a bias) -> reshape, and the weight is transposed by permute.
@@ -19,17 +20,21 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 from torch._inductor.pattern_matcher import Match
 
 from qatfx import reference
+from qatfx.formats import FORMATS, WeightFormat
+from qatfx.formats.base import elements_per_group
+from qatfx.graph.arguments import op_arguments
+from qatfx.lowering.epilogue import ACTIVATIONS
 from qatfx.lowering.rewrite import Rewrite
-from qatfx.lowering.w4a8_linear import w4a8_linear
-from qatfx.ops import dequantize, dequantize_int4, quantize_dynamic
+from qatfx.lowering.w4a8_linear import WEIGHT_FORMAT, w4a8_linear
+from qatfx.ops import dequantize, quantize_dynamic
 from qatfx.spec import ROW
 
 aten = torch.ops.aten
 fused_linear = torch.ops.qatfx.w4a8_linear.default
+dequantize_weight = WEIGHT_FORMAT.dequantize_op  # the weight the kernel reads
 
 # Tracing-only literals: ints, floats, dtypes and lists in a pattern match any value.
 _F32 = torch.float32
@@ -49,7 +54,7 @@ def _activation_q_2d():
 
 
 def _packed_weight():
-    return [torch.zeros(N, K // 2, dtype=torch.uint8), torch.ones(N, K // G), torch.zeros(N, K // G, dtype=torch.int16)]
+    return WEIGHT_FORMAT.example_parts()  # (N, K) = (16, 64), G = 32
 
 
 def _linear_inputs():
@@ -76,34 +81,34 @@ def _val(node: Any) -> Optional[torch.Tensor]:
 
 
 def _linear_constants(match: Match) -> dict[str, Any]:
-    weight = _node(match, dequantize_int4)
-    return {"group_size": weight.args[3], "dtype": weight.args[4]}
+    weight = op_arguments(_node(match, dequantize_weight))
+    return {"group_size": weight["group_size"], "dtype": weight["out_dtype"]}
 
 
 def _fused_constants(match: Match) -> dict[str, Any]:
-    fused = _node(match, fused_linear)
-    return {"group_size": fused.args[8], "compute_dtype": fused.args[10], "out_dtype": fused.args[11]}
+    fused = op_arguments(_node(match, fused_linear))
+    return {name: fused[name] for name in ("group_size", "compute_dtype", "out_dtype")}
 
 
 def kernel_group_size_ok(group_size: int, k: int) -> bool:
     """The Triton kernel loads half a group per tl.dot: a power of two, at least 32."""
-    g = k if group_size == ROW else group_size
+    g = elements_per_group(group_size, k)
     return g >= 32 and g & (g - 1) == 0 and k % g == 0
 
 
 def _check_linear(match: Match) -> Optional[str]:
-    act = _node(match, dequantize)
-    weight = _node(match, dequantize_int4)
-    q = _val(act.args[0])
-    if act.args[3] != ROW:
-        return f"activation is quantized with group size {act.args[3]}, the kernel needs per-token (-1)"
+    act = op_arguments(_node(match, dequantize))
+    weight = op_arguments(_node(match, dequantize_weight))
+    q = _val(act["q"])
+    if act["group_size"] != ROW:
+        return f"activation is quantized with group size {act['group_size']}, the kernel needs per-token (-1)"
     if q is None or q.dtype != torch.int8:
         return "activation is not int8"
-    if act.args[4] != weight.args[4]:
-        return f"activation dequantizes to {act.args[4]} but the weight to {weight.args[4]}"
-    k = 2 * _val(weight.args[0]).shape[-1]
-    if not kernel_group_size_ok(weight.args[3], k):
-        return f"group size {weight.args[3]} with K={k}: the kernel needs a power of two >= 32 dividing K"
+    if act["out_dtype"] != weight["out_dtype"]:
+        return f"activation dequantizes to {act['out_dtype']} but the weight to {weight['out_dtype']}"
+    k = 2 * _val(weight["packed"]).shape[-1]
+    if not kernel_group_size_ok(weight["group_size"], k):
+        return f"group size {weight['group_size']} with K={k}: the kernel needs a power of two >= 32 dividing K"
     return None
 
 
@@ -111,7 +116,7 @@ def _check_linear(match: Match) -> Optional[str]:
 
 
 def _dq_weight_t(w_packed, w_scales, w_group_sums):
-    return aten.permute(dequantize_int4(w_packed, w_scales, w_group_sums, G, _F32), [1, 0])
+    return aten.permute(dequantize_weight(w_packed, w_scales, w_group_sums, G, _F32), [1, 0])
 
 
 def linear_nd(x_q, x_scale, x_zero, w_packed, w_scales, w_group_sums):
@@ -209,10 +214,7 @@ def _residual_inputs():
 
 
 FUSE_EPILOGUE = [
-    _with_activation(torch.relu, "relu"),
-    _with_activation(F.gelu, "gelu"),
-    _with_activation(lambda y: F.gelu(y, approximate="tanh"), "gelu_tanh"),
-    _with_activation(F.silu, "silu"),
+    *(_with_activation(a.fn, a.name) for a in ACTIVATIONS.values() if a.name != "none"),
     Rewrite("epilogue_residual", residual_after, with_residual, _residual_inputs, _fused_constants, _check_residual),
     Rewrite("epilogue_residual_first", residual_before, with_residual, _residual_inputs, _fused_constants, _check_residual),
     Rewrite("epilogue_cast", output_cast, with_out_dtype, _fused_inputs, _cast_constants),
@@ -233,41 +235,24 @@ def quantize_math(x, *, qmin, qmax, group_size, symmetric, eps, scale_dtype):
 
 
 def _quantize_constants(match: Match) -> dict[str, Any]:
-    _, qmin, qmax, group_size, symmetric, eps, scale_dtype = _node(match, quantize_dynamic).args
-    return dict(qmin=qmin, qmax=qmax, group_size=group_size, symmetric=symmetric, eps=eps, scale_dtype=scale_dtype)
+    node = op_arguments(_node(match, quantize_dynamic))
+    return {name: node[name] for name in ("qmin", "qmax", "group_size", "symmetric", "eps", "scale_dtype")}
 
 
-def dequantize_activation(q, scale, zero):
-    return dequantize(q, scale, zero, ROW, _F32)
+def _decompose_rule(fmt: WeightFormat) -> Rewrite:
+    """A weight format's dequantize op -> its reference math (the format owns both)."""
 
+    def constants(match: Match) -> dict[str, Any]:
+        node = op_arguments(_node(match, fmt.dequantize_op))
+        return {"group_size": node["group_size"], "out_dtype": node["out_dtype"]}
 
-def dequantize_math(q, scale, zero, *, group_size, out_dtype):
-    return reference.dequantize(q, scale, zero, group_size, out_dtype)
-
-
-def _dequantize_constants(match: Match) -> dict[str, Any]:
-    node = _node(match, dequantize)
-    return {"group_size": node.args[3], "out_dtype": node.args[4]}
-
-
-def dequantize_weight(w_packed, w_scales, w_group_sums):
-    return dequantize_int4(w_packed, w_scales, w_group_sums, G, _F32)
-
-
-def dequantize_int4_math(w_packed, w_scales, w_group_sums, *, group_size, out_dtype):
-    tile = 2 * w_packed.shape[-1] if group_size == ROW else group_size
-    return reference.dequantize(reference.unpack_int4(w_packed, tile), w_scales, None, group_size, out_dtype)
-
-
-def _dequantize_int4_constants(match: Match) -> dict[str, Any]:
-    node = _node(match, dequantize_int4)
-    return {"group_size": node.args[3], "out_dtype": node.args[4]}
+    return Rewrite(f"decompose_{fmt.name}", fmt.decompose_pattern, fmt.decompose_math, fmt.example_parts, constants)
 
 
 DECOMPOSE = [
     Rewrite("decompose_quantize_dynamic", quantize_activation, quantize_math, lambda: [torch.randn(M, K)], _quantize_constants),
-    Rewrite("decompose_dequantize", dequantize_activation, dequantize_math, _activation_q_2d, _dequantize_constants),
-    Rewrite("decompose_dequantize_int4", dequantize_weight, dequantize_int4_math, _packed_weight, _dequantize_int4_constants),
+    # int_codes' rule (qatfx::dequantize) also decomposes dequantized activations.
+    *(_decompose_rule(fmt) for fmt in FORMATS),
 ]
 
 __all__ = ["DECOMPOSE", "FUSE_EPILOGUE", "FUSE_LINEAR", "kernel_group_size_ok", "w4a8_linear"]

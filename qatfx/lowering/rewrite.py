@@ -29,11 +29,13 @@ from torch._inductor.pattern_matcher import (
     register_graph_pattern,
 )
 
-from qatfx.debug.provenance import rewrite_scope
+from qatfx.instrument.provenance import plumbing_module, rewrite_scope
 
 log = logging.getLogger("qatfx.lowering")
 
 COUNTER = "qatfx"
+
+plumbing_module(__name__)  # dumps name the rule's replacement as a node's source, not this driver
 
 
 def _no_constants(match: Match) -> dict[str, Any]:

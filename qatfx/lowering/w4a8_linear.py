@@ -3,10 +3,10 @@
     y = epilogue(linear(dequantize(x_q, x_scale, x_zero), dequantize_int4(w_packed, w_scales)))
 
 Inputs are what convert wrote and what the activation quantization computes:
-    x_q (..., K) int8, x_scale (..., 1) and x_zero (..., 1) (per token), the packed int4
-    weight format (w_packed (N, K // 2) uint8, w_scales (N, K // G), w_group_sums (N, K // G)
-    int16, see reference.int4_group_sums), bias (N,) or None, residual (..., N) or None.
-Epilogue, in this order: + bias, activation (one of ACTIVATIONS), + residual, cast to
+    x_q (..., K) int8, x_scale (..., 1) and x_zero (..., 1) (per token), the weight in the
+    int4_packed format (qatfx/formats/int4_packed.py: w_packed (N, K // 2) uint8, w_scales
+    (N, K // G), w_group_sums (N, K // G) int16), bias (N,) or None, residual (..., N) or None.
+Epilogue, in this order: + bias, activation (a name in epilogue.ACTIVATIONS), + residual, cast to
 out_dtype. `compute_dtype` is the dtype the unfused graph computed the linear in.
 
 Implementations, chosen by device:
@@ -32,31 +32,24 @@ import torch
 import torch.nn.functional as F
 
 from qatfx import reference
+from qatfx.formats import format_named
+from qatfx.formats.base import elements_per_group
+from qatfx.lowering.epilogue import ACTIVATIONS, activation
 from qatfx.spec import ROW
 
-ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu")
+# The weight format the kernel reads: convert writes it for symmetric int4 specs.
+WEIGHT_FORMAT = format_named("int4_packed")
 
 
-def apply_activation(y: torch.Tensor, activation: str) -> torch.Tensor:
-    if activation == "none":
-        return y
-    if activation == "relu":
-        return torch.relu(y)
-    if activation == "gelu":
-        return F.gelu(y)
-    if activation == "gelu_tanh":
-        return F.gelu(y, approximate="tanh")
-    if activation == "silu":
-        return F.silu(y)
-    raise ValueError(f"qatfx.w4a8_linear: unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+def apply_activation(y: torch.Tensor, name: str) -> torch.Tensor:
+    return activation(name).fn(y)
 
 
 def _dequantized_linear(
-    x_q, x_scale, x_zero, w_packed, w_scales, group_size, bias, compute_dtype
+    x_q, x_scale, x_zero, w_packed, w_scales, w_group_sums, group_size, bias, compute_dtype
 ) -> torch.Tensor:
     x = reference.dequantize(x_q, x_scale, x_zero, ROW, compute_dtype)
-    tile = 2 * w_packed.shape[-1] if group_size == ROW else group_size
-    w = reference.dequantize(reference.unpack_int4(w_packed, tile), w_scales, None, group_size, compute_dtype)
+    w = WEIGHT_FORMAT.dequantize((w_packed, w_scales, w_group_sums), group_size, compute_dtype)
     return F.linear(x, w, bias)
 
 
@@ -78,7 +71,7 @@ def triton_w4a8_linear(
         w_group_sums,
         bias,
         None if residual is None else residual.reshape(-1, n),
-        group_size=k if group_size == ROW else group_size,
+        group_size=elements_per_group(group_size, k),
         activation=activation,
         out_dtype=out_dtype,
     )
@@ -104,7 +97,7 @@ def w4a8_linear(
         return triton_w4a8_linear(
             x_q, x_scale, x_zero, w_packed, w_scales, w_group_sums, bias, residual, group_size, activation, out_dtype
         )
-    y = _dequantized_linear(x_q, x_scale, x_zero, w_packed, w_scales, group_size, bias, compute_dtype)
+    y = _dequantized_linear(x_q, x_scale, x_zero, w_packed, w_scales, w_group_sums, group_size, bias, compute_dtype)
     y = apply_activation(y, activation)
     if residual is not None:
         y = y + residual

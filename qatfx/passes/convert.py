@@ -2,15 +2,14 @@
 
 Matches:     every qatfx.fake_quantize node (enabled or not).
 Rewrites to:
-    weight (input is a parameter, or the transpose of one):
+    weight (input is a parameter, or the transpose of one), stored in the weight format
+    the spec maps to (qatfx/formats/: format_for(spec)):
         before: fq_w = qatfx.fake_quantize(w, qmin=-8, qmax=7, group_size=32, ...)
-        after (symmetric int4, the packed format the int8 x int4 kernel reads):
+        after:  fq_w = <format's dequantize op>(w_<part>, ..., 32, torch.float32)
+                e.g. symmetric int4 (int4_packed, what the int8 x int4 kernel reads):
                 fq_w = qatfx.dequantize_int4(w_packed, w_scales, w_group_sums, 32, torch.float32)
-        after (other widths):
-                fq_w = qatfx.dequantize(w_packed, w_scales, w_zeros or None, 32, torch.float32)
-        with buffers `<layer>.weight_packed` (uint8, two int4 per byte; int8 for other
-        widths), `<layer>.weight_scales`, and `weight_group_sums` (int16, int4; see reference.int4_group_sums) or
-        `weight_zeros` (asymmetric), computed from the parameter's current value.
+        with one buffer `<layer>.weight_<part>` per part the format stores, computed from
+        the parameter's current value; node.meta["qatfx_format"] names the format.
     activation:
         before: fq_x = qatfx.fake_quantize(x, qmin=-128, qmax=127, group_size=-1, ...)
         after:  q = qatfx.quantize_dynamic(x, -128, 127, -1, False, eps, torch.float32)
@@ -30,18 +29,16 @@ import torch
 import torch.fx
 
 from qatfx import reference
-from qatfx.ops import dequantize, dequantize_int4, quantize_dynamic
+from qatfx.formats import format_for
+from qatfx.graph.linear_sites import get_attr_value
+from qatfx.graph.meta import FORMAT_META_KEY, INPUT, ROLE_META_KEY, SPEC_META_KEY, WEIGHT
+from qatfx.ops import dequantize, quantize_dynamic
 from qatfx.passes.finite_check import warn_non_finite_weight, zero_codes_of_non_finite_groups
-from qatfx.passes.infra import PassResult
-from qatfx.passes.insert_fake_quant import ROLE_META_KEY, SPEC_META_KEY, fake_quant_nodes
-from qatfx.passes.linear_sites import get_attr_value
-from qatfx.spec import ROW, QuantSpec
+from qatfx.passes.infra import PassResult, requires
+from qatfx.passes.insert_fake_quant import fake_quant_nodes
+from qatfx.spec import QuantSpec
 
 aten = torch.ops.aten
-
-
-def _packed_int4(spec: QuantSpec) -> bool:
-    return spec.bits == 4 and spec.signed and spec.symmetric
 
 
 def _weight_param(node: torch.fx.Node) -> tuple[torch.fx.Node, bool]:
@@ -76,29 +73,15 @@ def _convert_weight(gm: torch.fx.GraphModule, fq: torch.fx.Node, spec: QuantSpec
     q = reference.quantize(weight, scale, zero, spec.qmin, spec.qmax, spec.group_size)
     if warn_non_finite_weight(base.removesuffix(".weight"), weight, "convert_pt2e"):
         q = zero_codes_of_non_finite_groups(q, scale)
-    if _packed_int4(spec):
-        tile = weight.shape[-1] if spec.group_size == ROW else spec.group_size
-        buffers = {
-            "packed": reference.pack_int4(q, tile),
-            "scales": scale,
-            "group_sums": reference.int4_group_sums(q, spec.group_size),
-        }
-    else:
-        buffers = {"packed": q, "scales": scale}
-        if zero is not None:
-            buffers["zeros"] = zero
+    fmt = format_for(spec)
+    buffers = {part: value for part, value in fmt.pack(q, scale, zero, spec).items() if value is not None}
     for part, value in buffers.items():
         _register_buffer(gm, f"{base}_{part}", value.contiguous())
 
     with graph.inserting_before(fq):
         inputs = {part: graph.get_attr(f"{base}_{part}") for part in buffers}
-        if _packed_int4(spec):
-            args = (inputs["packed"], inputs["scales"], inputs["group_sums"], spec.group_size, weight.dtype)
-            dq = _call(graph, dequantize_int4, args, f"dq_{param_node.name}")
-        else:
-            args = (inputs["packed"], inputs["scales"], inputs.get("zeros"), spec.group_size, weight.dtype)
-            dq = _call(graph, dequantize, args, f"dq_{param_node.name}")
-    dq.meta.update(val=fq.meta.get("val"), **{ROLE_META_KEY: "weight", SPEC_META_KEY: spec})
+        dq = _call(graph, fmt.dequantize_op, fmt.op_args(inputs, spec.group_size, weight.dtype), f"dq_{param_node.name}")
+    dq.meta.update(val=fq.meta.get("val"), **{ROLE_META_KEY: WEIGHT, SPEC_META_KEY: spec, FORMAT_META_KEY: fmt.name})
     source = fq.args[0]
     fq.replace_all_uses_with(dq)
     graph.erase_node(fq)
@@ -139,16 +122,17 @@ def _convert_activation(gm: torch.fx.GraphModule, fq: torch.fx.Node, spec: Quant
             for i, part in enumerate(("q", "scale", "zero"))
         )
         dq = _call(graph, dequantize, (q, scale, zero, spec.group_size, val.dtype), f"dq_{x.name}")
-    dq.meta.update(val=val, **{ROLE_META_KEY: "input", SPEC_META_KEY: spec})
+    dq.meta.update(val=val, **{ROLE_META_KEY: INPUT, SPEC_META_KEY: spec})
     fq.replace_all_uses_with(dq)
     graph.erase_node(fq)
 
 
+@requires("insert_fake_quant")
 def convert(gm: torch.fx.GraphModule) -> PassResult:
     nodes = fake_quant_nodes(gm)
     for fq in nodes:
         spec = fq.meta[SPEC_META_KEY]
-        if fq.meta[ROLE_META_KEY] == "weight":
+        if fq.meta[ROLE_META_KEY] == WEIGHT:
             _convert_weight(gm, fq, spec)
         else:
             _convert_activation(gm, fq, spec)

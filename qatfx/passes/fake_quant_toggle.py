@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import torch.fx
 
-from qatfx.passes.infra import PassResult
+from qatfx.passes.infra import PassResult, requires
 from qatfx.passes.insert_fake_quant import fake_quant_nodes
 
 
 def set_fake_quant_enabled(enabled: bool):
+    @requires("insert_fake_quant")
     def toggle(gm: torch.fx.GraphModule) -> PassResult:
         modified = False
         for node in fake_quant_nodes(gm):

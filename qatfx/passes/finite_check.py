@@ -35,10 +35,11 @@ from typing import Optional
 import torch
 import torch.fx
 
-from qatfx.passes.infra import PassResult
-from qatfx.passes.insert_fake_quant import ROLE_META_KEY, fake_quant_nodes
-from qatfx.passes.linear_sites import find_linear_sites, get_attr_value
-from qatfx.quantizer import ANNOTATION_KEY, LinearAnnotation
+from qatfx.passes.infra import PassResult, requires
+from qatfx.passes.insert_fake_quant import fake_quant_nodes
+from qatfx.graph.linear_sites import find_linear_sites, get_attr_value
+from qatfx.graph.meta import ANNOTATION_KEY, INPUT, ROLE_META_KEY
+from qatfx.quantizer import LinearAnnotation
 
 CHECK_FINITE_ENV = "QATFX_CHECK_FINITE"
 
@@ -138,11 +139,12 @@ def _layers_fed_by(fq: torch.fx.Node) -> str:
     return ", ".join(names) or fq.name
 
 
+@requires("insert_fake_quant")
 def insert_finite_checks(gm: torch.fx.GraphModule) -> PassResult:
     graph = gm.graph
     modified = False
     for fq in fake_quant_nodes(gm):
-        if fq.meta.get(ROLE_META_KEY) != "input":
+        if fq.meta.get(ROLE_META_KEY) != INPUT:
             continue
         x = fq.args[0]
         with graph.inserting_before(fq):

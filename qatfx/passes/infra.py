@@ -1,13 +1,16 @@
-"""Pass infrastructure: run a pass, record provenance, lint, dump.
+"""Pass infrastructure: run a pass, check its prerequisites, record provenance, lint, dump.
 
 Every qatfx pass is a function `(GraphModule) -> PassResult` run through `run_pass`, which
+- checks the passes it `requires` ran before on this module (`GraphModule.meta` keeps the
+  history), and otherwise raises naming the missing pass,
 - stamps each node the pass created with `node.meta["qatfx_pass"]` (where it came from),
 - lints the graph and, on failure, names the pass and the passes run before it,
 - recompiles the module,
-- when dumping is on (`dump_dir=` argument, a `qatfx.debug.dump(dir)` block, or the
-  `QATFX_DUMP_DIR` environment variable), writes the graph before and after as text
+- when the caller passes a dump folder (drivers resolve it with
+  `qatfx.instrument.settings.resolve_dump_dir`: `dump_dir=`, a `qatfx.debug.dump(dir)`
+  block or `QATFX_DUMP_DIR`), writes the graph before and after as text
   (`03_convert.before.txt`, `03_convert.after.txt`) and as an HTML page listed in the
-  folder's `index.html` (qatfx/debug/), and stamps the nodes the pass created with
+  folder's `index.html`, and stamps the nodes the pass created with
   `node.meta["qatfx_source"]`, the line of the pass that created them,
 - when `TORCH_TRACE` is set, logs the graphs as `qatfx_<pass>_before/after` artifacts
   for tlparse.
@@ -17,26 +20,21 @@ With none of these on, a pass does no extra work: no graph is formatted, no file
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Union
 
 import torch.fx
 
+from qatfx.graph.meta import HISTORY_META_KEY, PASS_META_KEY
+from qatfx.instrument import trace
+from qatfx.instrument.dumping import PassRecording
+from qatfx.instrument.provenance import pass_runner
+from qatfx.instrument.text import format_graph
+
 log = logging.getLogger("qatfx.passes")
-
-PASS_META_KEY = "qatfx_pass"
-SOURCE_META_KEY = "qatfx_source"
-HISTORY_META_KEY = "qatfx_pass_history"
-DUMP_ENV = "QATFX_DUMP_DIR"
-
-# Folders of the `qatfx.debug.dump(dir)` blocks entered, innermost last. Kept here, not in
-# qatfx.debug, so that checking whether dumping is on imports nothing.
-DUMP_SCOPES: list[Path] = []
 
 
 @dataclass
@@ -48,67 +46,33 @@ class PassResult:
 GraphPass = Callable[[torch.fx.GraphModule], PassResult]
 
 
-def resolve_dump_dir(dump_dir: Union[str, os.PathLike, None] = None) -> Optional[Path]:
-    """The folder a dump goes to, or None when dumping is off.
+def requires(*pass_names: str) -> Callable[[GraphPass], GraphPass]:
+    """Declare the passes that must have run on a module before this one (checked by
+    run_pass against the module's history)."""
 
-    An explicit `dump_dir` is used as given, then the innermost `qatfx.debug.dump(dir)`
-    block; `QATFX_DUMP_DIR=root` gives each process its own `root/run-<time>-<pid>/`, so
-    runs of a script never mix (see docs/debugging.md).
-    """
-    if dump_dir is not None:
-        return Path(dump_dir)
-    if DUMP_SCOPES:
-        return DUMP_SCOPES[-1]
-    root = os.environ.get(DUMP_ENV)
-    return _process_run_dir(root, os.getpid()) if root else None
+    def declare(graph_pass: GraphPass) -> GraphPass:
+        graph_pass.requires = pass_names
+        return graph_pass
+
+    return declare
 
 
-@functools.cache
-def _process_run_dir(root: str, pid: int) -> Path:
-    # Keyed by pid too: a forked worker gets a folder of its own, not its parent's.
-    return Path(root) / f"run-{time.strftime('%Y%m%d-%H%M%S')}-{pid}"
+def history(gm: torch.fx.GraphModule) -> list[str]:
+    """The names of the passes run on `gm` (and the module it was copied from), in order."""
+    return gm.meta.setdefault(HISTORY_META_KEY, [])
 
 
-def _describe_val(node: torch.fx.Node) -> str:
-    val = node.meta.get("val")
-    shape = getattr(val, "shape", None)
-    if shape is None:
-        return "-"
-    return f"{str(val.dtype).replace('torch.', '')}{list(shape)}"
+def _check_requirements(gm: torch.fx.GraphModule, name: str, graph_pass: GraphPass) -> None:
+    done = history(gm)
+    missing = [p for p in getattr(graph_pass, "requires", ()) if p not in done]
+    if missing:
+        raise RuntimeError(
+            f"qatfx pass '{name}' needs pass {', '.join(repr(p) for p in missing)} to have run on this module first "
+            f"(passes run so far: {done or 'none'}); run it through qatfx.prepare_pt2e, which schedules the passes"
+        )
 
 
-def _code(graph: Union[torch.fx.GraphModule, torch.fx.Graph]) -> str:
-    if isinstance(graph, torch.fx.GraphModule):
-        return graph.print_readable(print_output=False).rstrip()
-    try:  # a bare graph (Inductor's post-grad graph is passed to us without its module)
-        return graph.python_code(root_module="self").src.rstrip()
-    except Exception as exc:  # an invalid graph still gets its node lines
-        return f"# no code: {exc}"
-
-
-def format_graph(gm: Union[torch.fx.GraphModule, torch.fx.Graph], title: str, origin: str = "torch.export") -> str:
-    """Readable text: the generated code, then one line per node with its shape, the pass
-    that created it (`origin` for nodes no qatfx pass made) and, where recorded, the line
-    of code that did."""
-    graph = gm.graph if isinstance(gm, torch.fx.GraphModule) else gm
-    lines = [f"# {title}", "", _code(gm), "", "# nodes"]
-    width = max((len(n.name) for n in graph.nodes), default=4)
-    for node in graph.nodes:
-        made_by = node.meta.get(PASS_META_KEY, origin)
-        target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
-        line = f"{node.name:<{width}}  {node.op:<13}  {str(target):<40}  {_describe_val(node):<24}  made_by={made_by}"
-        source = node.meta.get(SOURCE_META_KEY)
-        lines.append(f"{line}  at={source}" if source else line)
-    return "\n".join(lines) + "\n"
-
-
-def _trace():
-    # Imported on use: qatfx.debug imports the api, which imports this module.
-    from qatfx.debug import trace
-
-    return trace
-
-
+@pass_runner
 def run_pass(
     gm: torch.fx.GraphModule,
     name: str,
@@ -116,17 +80,15 @@ def run_pass(
     *,
     dump_dir: Union[str, os.PathLike, None] = None,
 ) -> PassResult:
-    directory = resolve_dump_dir(dump_dir)
-    recording = None
-    if directory is not None:
-        from qatfx.debug.dumping import PassRecording
-
-        recording = PassRecording(directory, name, gm)
-    tracing = _trace().enabled()
+    """Run `graph_pass` on `gm` as pass `name`; `dump_dir` is the folder to dump into (the
+    caller resolves it; None: no dump)."""
+    _check_requirements(gm, name, graph_pass)
+    recording = None if dump_dir is None else PassRecording(Path(dump_dir), name, gm)
+    tracing = trace.enabled()
     if tracing:
-        _trace().graph_artifact(f"qatfx_{name}_before", lambda: format_graph(gm, f"{name}: before"))
+        trace.graph_artifact(f"qatfx_{name}_before", lambda: format_graph(gm, f"{name}: before"))
 
-    history = gm.meta.setdefault(HISTORY_META_KEY, [])
+    done = history(gm)
     existing = set(gm.graph.nodes)
     try:
         result = graph_pass(gm)
@@ -146,17 +108,17 @@ def run_pass(
         if recording is not None:
             recording.finish(out, error=f"invalid graph: {exc}")
         raise RuntimeError(
-            f"qatfx pass '{name}' produced an invalid graph (passes before it: {history or 'none'}): {exc}"
+            f"qatfx pass '{name}' produced an invalid graph (passes before it: {done or 'none'}): {exc}"
         ) from exc
     out.recompile()
-    history.append(name)
+    done.append(name)
     added = sum(1 for n in out.graph.nodes if n not in existing)
     log.debug("pass %s: modified=%s, %d nodes added", name, result.modified, added)
 
     if recording is not None:
         recording.finish(out)
     if tracing:
-        _trace().graph_artifact(f"qatfx_{name}_after", lambda: format_graph(out, f"{name}: after"))
+        trace.graph_artifact(f"qatfx_{name}_after", lambda: format_graph(out, f"{name}: after"))
     return result
 
 

@@ -26,14 +26,13 @@ import torch
 import torch.fx
 
 from qatfx.ops import fake_quantize
-from qatfx.passes.infra import PassResult
-from qatfx.passes.linear_sites import find_linear_sites
-from qatfx.quantizer import ANNOTATION_KEY, LinearAnnotation
+from qatfx.passes.infra import PassResult, requires
+from qatfx.graph.linear_sites import find_linear_sites
+from qatfx.graph.meta import ANNOTATION_KEY, INPUT, ROLE_META_KEY, SPEC_META_KEY, WEIGHT
+from qatfx.quantizer import LinearAnnotation
 from qatfx.spec import QuantSpec
 
 aten = torch.ops.aten
-SPEC_META_KEY = "qatfx_spec"
-ROLE_META_KEY = "qatfx_role"  # "input" or "weight"
 
 
 def _insert_fake_quant(graph: torch.fx.Graph, source: torch.fx.Node, spec: QuantSpec, role: str) -> torch.fx.Node:
@@ -63,6 +62,7 @@ def _contiguous(graph: torch.fx.Graph, source: torch.fx.Node) -> torch.fx.Node:
     return node
 
 
+@requires("annotate")
 def insert_fake_quant(gm: torch.fx.GraphModule) -> PassResult:
     graph = gm.graph
     made: dict[tuple, torch.fx.Node] = {}
@@ -75,17 +75,17 @@ def insert_fake_quant(gm: torch.fx.GraphModule) -> PassResult:
         if annotation.input_spec is not None:
             key = (site.input_node, annotation.input_spec)
             if key not in made:
-                made[key] = _insert_fake_quant(graph, site.input_node, annotation.input_spec, "input")
+                made[key] = _insert_fake_quant(graph, site.input_node, annotation.input_spec, INPUT)
             site.node.replace_input_with(site.input_node, made[key])
 
         key = (site.param_node, annotation.weight_spec, site.param_is_k_by_n)
         if key not in made:
             if site.param_is_k_by_n:
                 n_by_k = _contiguous(graph, _transpose(graph, site.param_node))
-                fq = _insert_fake_quant(graph, n_by_k, annotation.weight_spec, "weight")
+                fq = _insert_fake_quant(graph, n_by_k, annotation.weight_spec, WEIGHT)
                 made[key] = _transpose(graph, fq)
             else:
-                made[key] = _insert_fake_quant(graph, site.param_node, annotation.weight_spec, "weight")
+                made[key] = _insert_fake_quant(graph, site.param_node, annotation.weight_spec, WEIGHT)
         site.param_user.replace_input_with(site.param_node, made[key])
     return PassResult(gm, modified)
 

@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 import torch.fx
 
+from qatfx.graph.meta import TRAIN_DROPOUT_META_KEY
 from qatfx.passes.infra import PassResult
 
 aten = torch.ops.aten
@@ -37,8 +38,6 @@ _MODE_FLAG_INDEX = {
 # scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, ...)
 _SDPA = aten.scaled_dot_product_attention.default
 _SDPA_DROPOUT_INDEX = 4
-# The dropout_p a train-mode export gave an attention op, kept while the graph is in eval.
-TRAIN_DROPOUT_META_KEY = "qatfx_train_dropout_p"
 
 
 def _mode_nodes(graph: torch.fx.Graph):

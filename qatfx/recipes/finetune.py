@@ -4,10 +4,18 @@ Models: a local Hugging Face transformers checkpoint directory (`save_pretrained
 its tokenizer is used when the directory has one, UTF-8 bytes otherwise) or a built-in
 config (`builtin:charlm`, a fresh character-level Llama-style model).
 
-finetune writes to --out: `converted.pt` (the converted model's state: packed int4 weights
-and scales), `qatfx_model.json` (how to rebuild it: model source, group size, tokenizer),
-`report.md` / `report.json` and `training_curve.png`. `qatfx eval --model OUT` rebuilds the
-converted model from those two files and scores a text file.
+finetune runs the demo's comparison (qatfx/recipes/demo.py) on the user's model: a float
+control fine-tuned for the same steps, data and seed as QAT, PTQ of that control, and QAT.
+It writes to --out:
+
+    program.pt2, weights.safetensors, qatfx_manifest.json   the QAT-converted model, written
+                          by `qatfx.save` (so `qatfx.load(OUT)` reads it)
+    qatfx_finetune.json   what `qatfx eval` needs besides the model: the tokenizer, the
+                          sequence length and context size (the qatfx version is in the manifest)
+    tokenizer/            the checkpoint's transformers tokenizer, when it has one
+    report.md, report.json, training_curve.png
+
+`qatfx eval --model OUT` loads that directory with `qatfx.load` and scores a text file.
 """
 
 from __future__ import annotations
@@ -17,25 +25,30 @@ import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Optional
 
 import torch
 import torch.nn as nn
 
 import qatfx
 from qatfx.recipes.corpus import CharTokenizer, load_text, split_text
+from qatfx.recipes.demo import recovered
 from qatfx.recipes.model import CausalLM, LMConfig
 from qatfx.recipes.train import TrainConfig, perplexity, train
 
 log = logging.getLogger("qatfx.recipes")
 
 BUILTIN_MODELS = {"builtin:charlm": dict(dim=128, layers=4, heads=4, hidden=384, max_seq=256)}
-METADATA = "qatfx_model.json"
+SIDECAR = "qatfx_finetune.json"
+HF_TOKENIZER_DIR = "tokenizer"
+OLD_METADATA = "qatfx_model.json"  # the layout before qatfx.save (converted.pt + this file)
+MANIFEST = "qatfx_manifest.json"  # qatfx.save's; its presence marks a finetune output
 
 
 class LogitsOnly(nn.Module):
-    """A transformers causal LM as tokens -> logits (no ModelOutput, no KV cache), the
-    signature torch.export and the training loop need."""
+    """A transformers causal LM as tokens -> logits, the signature the training loop needs.
+    `use_cache=False`: with the cache on, forward returns a DynamicCache, which torch.export
+    cannot return (docs/models.md, workarounds)."""
 
     def __init__(self, lm: nn.Module) -> None:
         super().__init__()
@@ -46,15 +59,64 @@ class LogitsOnly(nn.Module):
 
 
 @dataclass(frozen=True)
+class Tokenizer:
+    """Text -> token ids: UTF-8 bytes, characters (builtin:charlm) or a transformers tokenizer."""
+
+    kind: str  # "bytes", "chars" or "hf"
+    chars: Optional[CharTokenizer] = None
+    hf: Any = None
+
+    def encode(self, text: str) -> torch.Tensor:
+        if self.kind == "bytes":
+            return torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
+        if self.kind == "chars":
+            return self.chars.encode(text)
+        return torch.tensor(self.hf(text)["input_ids"], dtype=torch.long)
+
+    def to_json(self, out: Path) -> dict:
+        """The sidecar's description; a transformers tokenizer is saved into out/tokenizer/
+        so that the output directory does not depend on the checkpoint it came from."""
+        if self.kind == "chars":
+            return json.loads(self.chars.to_json())
+        if self.kind == "hf":
+            self.hf.save_pretrained(out / HF_TOKENIZER_DIR)
+            return {"kind": "hf", "directory": HF_TOKENIZER_DIR}
+        return {"kind": "bytes"}
+
+    @classmethod
+    def from_json(cls, data: dict, out: Path) -> "Tokenizer":
+        if data["kind"] == "chars":
+            return cls("chars", chars=CharTokenizer.from_json(json.dumps(data)))
+        if data["kind"] == "hf":
+            from transformers import AutoTokenizer
+
+            return cls("hf", hf=AutoTokenizer.from_pretrained(out / data["directory"]))
+        return cls("bytes")
+
+
+@dataclass(frozen=True)
 class LoadedModel:
     module: nn.Module
-    encode: Callable[[str], torch.Tensor]
-    tokenizer: dict  # how to rebuild `encode` (saved in the metadata)
+    tokenizer: Tokenizer
     linear_in_features: tuple[int, ...]  # every K a group size must divide
+    max_positions: Optional[int]  # the longest sequence the model takes (None: no limit known)
 
 
-def _byte_encode(text: str) -> torch.Tensor:
-    return torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
+def linear_in_features(module: nn.Module) -> tuple[int, ...]:
+    """K (input size) of every linear layer, read from the weights, not from config names
+    (intermediate_size, n_inner, ... differ per family): nn.Linear stores its weight (N, K),
+    transformers' Conv1D (GPT-2) stores it (K, N)."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # builtin models only
+        Conv1D = ()  # noqa: N806
+    sizes = set()
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            sizes.add(m.in_features)
+        elif isinstance(m, Conv1D):
+            sizes.add(m.weight.shape[0])
+    return tuple(sorted(sizes))
 
 
 def _hf_tokenizer(directory: Path):
@@ -65,33 +127,45 @@ def _hf_tokenizer(directory: Path):
     return AutoTokenizer.from_pretrained(directory)
 
 
-def load_model(source: str, text: str, tokenizer: dict | None = None) -> LoadedModel:
-    """The float model named by `source`, with the tokenizer to feed it."""
+def load_model(source: str, text: str) -> LoadedModel:
+    """The float model named by `source` (in eval mode), with the tokenizer to feed it.
+    `text` gives builtin:charlm its character vocabulary."""
     if source in BUILTIN_MODELS:
-        tok = CharTokenizer.from_json(tokenizer["chars"]) if tokenizer else CharTokenizer.from_text(text)
-        config = LMConfig(vocab_size=tok.vocab_size, **BUILTIN_MODELS[source])
+        chars = CharTokenizer.from_text(text)
+        config = LMConfig(vocab_size=chars.vocab_size, **BUILTIN_MODELS[source])
         torch.manual_seed(0)
-        return LoadedModel(CausalLM(config), tok.encode, {"kind": "chars", "chars": tok.to_json()}, (config.dim, config.hidden))
+        module = CausalLM(config).eval()
+        return LoadedModel(module, Tokenizer("chars", chars=chars), linear_in_features(module), config.max_seq)
     from transformers import AutoModelForCausalLM
 
     directory = Path(source)
-    lm = AutoModelForCausalLM.from_pretrained(directory, torch_dtype=torch.float32).eval()
+    # float32 whatever the checkpoint's dtype (transformers 5 would load bf16 weights as bf16)
+    lm = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
     hf_tok = _hf_tokenizer(directory)
     if hf_tok is not None:
-        encode = lambda s: torch.tensor(hf_tok(s)["input_ids"], dtype=torch.long)  # noqa: E731
-        kind = {"kind": "hf"}
+        tokenizer = Tokenizer("hf", hf=hf_tok)
+    elif lm.config.vocab_size < 256:
+        raise ValueError(
+            f"{directory} has no tokenizer and a vocabulary of {lm.config.vocab_size}, fewer than the 256 byte values "
+            "qatfx would feed it; save the model's tokenizer into it (tokenizer.save_pretrained(directory))"
+        )
     else:
-        if lm.config.vocab_size < 256:
-            raise ValueError(f"{directory} has no tokenizer and a vocabulary of {lm.config.vocab_size} < 256 bytes")
-        encode, kind = _byte_encode, {"kind": "bytes"}
-    cfg = lm.config
-    return LoadedModel(LogitsOnly(lm), encode, kind, (cfg.hidden_size, cfg.intermediate_size))
+        tokenizer = Tokenizer("bytes")
+    # GPT2Config maps max_position_embeddings to n_positions; RoPE models name their context size the same way
+    max_positions = getattr(lm.config, "max_position_embeddings", None)
+    return LoadedModel(LogitsOnly(lm).eval(), tokenizer, linear_in_features(lm), max_positions)
 
 
 def check_group_size(model: LoadedModel, group_size: int) -> None:
     bad = sorted({k for k in model.linear_in_features if k % group_size})
     if bad:
         raise ValueError(f"group size {group_size} does not divide the linear input size(s) {bad}; pick a divisor of {min(model.linear_in_features)} such as 32")
+
+
+def check_seq_len(seq_len: int, max_positions: Optional[int]) -> None:
+    """A window longer than the model's context fails deep inside it (GPT-2: an index error)."""
+    if max_positions is not None and seq_len > max_positions:
+        raise ValueError(f"--seq-len {seq_len} is longer than the model's context of {max_positions} positions; pass --seq-len {max_positions} or less")
 
 
 @dataclass(frozen=True)
@@ -108,88 +182,163 @@ class FinetuneOptions:
     seed: int = 0
     compile: bool = True
 
+    def check(self) -> None:
+        if not 0 <= self.fake_quant_after < self.steps:
+            raise ValueError(
+                f"--fake-quant-after {self.fake_quant_after} must be in [0, --steps {self.steps}): "
+                "QAT would never train with fake-quant; lower it or raise --steps"
+            )
+
+
+def _fine_tune(prepared: nn.Module, tokens: torch.Tensor, config: TrainConfig, desc: str, compile: bool, fake_quant_after: int = 0) -> list[float]:
+    # One global seed per run: dropout (GPT-2) draws the same masks in the control and QAT.
+    torch.manual_seed(config.seed)
+    hook = None
+    if fake_quant_after:
+        schedule = qatfx.FakeQuantAfterNSteps(prepared, fake_quant_after)
+        # train() calls the hook before each step; the schedule counts finished steps
+        hook = lambda step: schedule.step() if step > 0 else None  # noqa: E731
+    return train(prepared, tokens, config, desc=desc, step_hook=hook, compile=compile)
+
 
 def finetune(options: FinetuneOptions) -> dict:
+    options.check()
     text = load_text(options.text)
     splits = split_text(text)
     loaded = load_model(options.model, splits.train)
     check_group_size(loaded, options.group_size)
-    train_tokens, test_tokens = loaded.encode(splits.train), loaded.encode(splits.test)
+    check_seq_len(options.seq_len, loaded.max_positions)
+    encode = loaded.tokenizer.encode
+    train_tokens, test_tokens = encode(splits.train), encode(splits.test)
     quantizer = qatfx.Int8DynActInt4WeightQuantizer(options.group_size)
     example = train_tokens[: 2 * 16].view(2, 16)
     seq = options.seq_len
-
-    float_ppl = perplexity(loaded.module, test_tokens, seq, desc="eval float")
-    ptq = qatfx.convert_pt2e(qatfx.prepare_pt2e(copy.deepcopy(loaded.module), quantizer, (example,)))
-    ptq_ppl = perplexity(ptq, test_tokens, seq, desc="eval PTQ")
-    prepared = qatfx.prepare_pt2e(loaded.module, quantizer, (example,))
     config = TrainConfig(steps=options.steps, batch_size=options.batch_size, seq_len=seq, lr=options.lr,
                          warmup_steps=min(10, options.steps // 5), seed=options.seed)
-    delay = qatfx.FakeQuantAfterNSteps(prepared, options.fake_quant_after) if options.fake_quant_after else None
-    curve = train(prepared, train_tokens, config, desc="QAT", step_hook=delay, compile=options.compile)
-    qatfx.enable_fake_quant(prepared)
-    qat_ppl = perplexity(prepared, test_tokens, seq, desc="eval QAT fake-quant")
-    converted = qatfx.convert_pt2e(prepared)
-    converted_ppl = perplexity(converted, test_tokens, seq, desc="eval QAT converted")
 
-    options.out.mkdir(parents=True, exist_ok=True)
-    torch.save(converted.state_dict(), options.out / "converted.pt")
-    metadata = {"model": options.model, "group_size": options.group_size, "tokenizer": loaded.tokenizer,
-                "example_shape": list(example.shape), "qatfx_version": "0.1.0"}
-    (options.out / METADATA).write_text(json.dumps(metadata, indent=2))
-    report = {"options": {k: str(v) for k, v in asdict(options).items()}, "test_perplexity": {
-        "float": float_ppl, "ptq": ptq_ppl, "qat_fake_quant": qat_ppl, "qat_converted": converted_ppl},
-        "train_loss": curve}
-    (options.out / "report.json").write_text(json.dumps(report, indent=2))
-    (options.out / "report.md").write_text(_markdown(options, report))
-    _plot_curve(curve, options.out / "training_curve.png")
+    model = loaded.module
+    ppl = {"float_start": perplexity(model, test_tokens, seq, desc="eval float (start)")}
+    # Exported in eval mode (docs/models.md: GPT-2 has no attention dropout in the graph);
+    # the control and QAT train this one graph, so they differ only in fake-quant.
+    control = qatfx.prepare_pt2e(model.eval(), quantizer, (example,))  # trains `model`'s parameters in place
+    qat = copy.deepcopy(control)  # its own parameters, from the same starting weights
+    qatfx.disable_fake_quant(control)  # disabled fake-quant is an exact identity: the float model
+    curves = {"float control": _fine_tune(control, train_tokens, config, "float control", options.compile)}
+    ppl["float_control"] = perplexity(model, test_tokens, seq, desc="eval float control")
+    # convert quantizes every fake-quant, enabled or not: PTQ of the fine-tuned control
+    ppl["ptq"] = perplexity(qatfx.convert_pt2e(control), test_tokens, seq, desc="eval PTQ")
+    curves["QAT"] = _fine_tune(qat, train_tokens, config, "QAT", options.compile, options.fake_quant_after)
+    qatfx.enable_fake_quant(qat)
+    ppl["qat_fake_quant"] = perplexity(qat, test_tokens, seq, desc="eval QAT fake-quant")
+
+    out = options.out
+    out.mkdir(parents=True, exist_ok=True)
+    (out / SIDECAR).unlink(missing_ok=True)  # a previous run's must not describe this model
+    qatfx.save(qatfx.convert_pt2e(qat), out)
+    # The saved model, loaded back: exactly what `qatfx eval --model OUT` scores.
+    ppl["qat_converted"] = perplexity(qatfx.load(out), test_tokens, seq, desc="eval QAT converted")
+    if ppl["qat_converted"] != ppl["qat_fake_quant"]:
+        raise RuntimeError(
+            f"the saved converted model's perplexity {ppl['qat_converted']!r} != the fake-quant model's "
+            f"{ppl['qat_fake_quant']!r}; the prepare/convert/save numerics contract is broken, please report it"
+        )
+    sidecar = {"model": options.model, "tokenizer": loaded.tokenizer.to_json(out), "seq_len": seq,
+               "max_positions": loaded.max_positions}
+    (out / SIDECAR).write_text(json.dumps(sidecar, indent=2) + "\n")
+    report = {"options": {k: str(v) for k, v in asdict(options).items()}, "test_tokens": test_tokens.numel(),
+              "test_perplexity": ppl, "recovered": recovered(ppl["float_control"], ppl["ptq"], ppl["qat_converted"]),
+              "train_loss": curves}
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    (out / "report.md").write_text(_markdown(options, report))
+    _plot_curves(curves, out / "training_curve.png")
+    log.info("qatfx finetune: wrote %s", out)
     return report
 
 
-def load_converted(directory: Path, text: str) -> tuple[nn.Module, Callable[[str], torch.Tensor]]:
-    """Rebuild a model `finetune` wrote: prepare + convert the same float model, then load
-    the saved packed weights and scales (strict: a mismatch is an error, never ignored)."""
-    metadata = json.loads((directory / METADATA).read_text())
-    loaded = load_model(metadata["model"], text, metadata["tokenizer"])
-    example = torch.zeros(metadata["example_shape"], dtype=torch.long)
-    quantizer = qatfx.Int8DynActInt4WeightQuantizer(metadata["group_size"])
-    converted = qatfx.convert_pt2e(qatfx.prepare_pt2e(loaded.module, quantizer, (example,)))
-    converted.load_state_dict(torch.load(directory / "converted.pt", weights_only=True))
-    return converted, loaded.encode
+def load_finetuned(directory: Path) -> tuple[nn.Module, Tokenizer, dict]:
+    """A `finetune` output: the converted model (qatfx.load), its tokenizer and the sidecar."""
+    directory = Path(directory)
+    if (directory / OLD_METADATA).exists() and not (directory / MANIFEST).exists():
+        raise ValueError(
+            f"{directory} was written by an older `qatfx finetune` (converted.pt + {OLD_METADATA}), which this qatfx "
+            "no longer reads; re-run `qatfx finetune` to write it in the qatfx.save format"
+        )
+    if not (directory / SIDECAR).exists():
+        raise ValueError(
+            f"{directory} has no {SIDECAR} (the tokenizer description `qatfx finetune` writes after the model); "
+            "it is not a finished finetune output: re-run `qatfx finetune`, or load a bare qatfx.save directory with qatfx.load"
+        )
+    sidecar = json.loads((directory / SIDECAR).read_text())
+    return qatfx.load(directory), Tokenizer.from_json(sidecar["tokenizer"], directory), sidecar
 
 
-def evaluate(model: str, text_path: Path, seq_len: int = 128) -> float:
+def is_finetune_output(directory: Path) -> bool:
+    return any((Path(directory) / name).exists() for name in (MANIFEST, OLD_METADATA, SIDECAR))
+
+
+def evaluate(model: str, text_path: Path, seq_len: Optional[int] = None) -> float:
+    """Perplexity of the whole text file under `model`: a finetune output (its sequence
+    length unless `seq_len` is given, so that the test split reproduces the report), a
+    transformers directory or a built-in (128 unless given)."""
     text = load_text(text_path)
-    directory = Path(model)
-    if (directory / METADATA).exists():
-        module, encode = load_converted(directory, text)
+    if model not in BUILTIN_MODELS and is_finetune_output(Path(model)):
+        module, tokenizer, sidecar = load_finetuned(Path(model))
+        seq_len = seq_len or sidecar["seq_len"]
+        check_seq_len(seq_len, sidecar["max_positions"])
     else:
         loaded = load_model(model, text)
-        module, encode = loaded.module, loaded.encode
-    return perplexity(module, encode(text), seq_len)
+        module, tokenizer, seq_len = loaded.module, loaded.tokenizer, seq_len or 128
+        check_seq_len(seq_len, loaded.max_positions)
+    return perplexity(module, tokenizer.encode(text), seq_len)
 
 
 def _markdown(options: FinetuneOptions, report: dict) -> str:
     ppl = report["test_perplexity"]
-    rows = [("float (before)", ppl["float"]), ("PTQ (float converted)", ppl["ptq"]),
-            ("QAT fake-quant", ppl["qat_fake_quant"]), ("QAT converted", ppl["qat_converted"])]
-    lines = [f"# qatfx finetune: {options.model}", "",
-             f"- text: {options.text} (test split: the last 5%)", f"- 8da4w, group size {options.group_size}, "
-             f"{options.steps} steps, lr {options.lr}, fake-quant after {options.fake_quant_after} steps", "",
-             "| model | test perplexity |", "|---|---|"]
-    lines += [f"| {name} | {value:.4f} |" for name, value in rows]
+    control = ppl["float_control"]
+
+    def vs_control(value: float) -> str:
+        return f"{100 * (value / control - 1):+.2f}%"
+
+    rows = [("float, before fine-tuning (start)", ppl["float_start"], ""),
+            ("float control (fine-tuned, no fake-quant)", control, ""),
+            ("PTQ of the float control", ppl["ptq"], vs_control(ppl["ptq"])),
+            ("QAT fake-quant", ppl["qat_fake_quant"], vs_control(ppl["qat_fake_quant"])),
+            ("QAT converted (saved in this directory)", ppl["qat_converted"], vs_control(ppl["qat_converted"]))]
+    share = report["recovered"]
+    lines = [
+        f"# qatfx finetune: {options.model}", "",
+        f"- text: {options.text}; train: the first 90%, test: the last 5% ({report['test_tokens']:,} tokens)",
+        f"- 8da4w (int8 per-token activations, int4 weights in groups of {options.group_size}); {options.steps} steps, "
+        f"lr {options.lr}, batch {options.batch_size} x {options.seq_len} tokens, seed {options.seed}, "
+        f"fake-quant after {options.fake_quant_after} steps",
+        "- perplexity: exp(mean next-token NLL) on the test split, windows of the sequence length; lower is better",
+        "- float control: the float model fine-tuned for the same steps, data and seed as QAT (the same graph with "
+        "fake-quant off); PTQ: that control converted directly; QAT: the float model fine-tuned with fake-quant, "
+        "then converted. Comparing with the control keeps QAT's extra steps from counting as recovery",
+        "- QAT recovers: (PTQ - QAT converted) / (PTQ - float control); one seed, so when PTQ loses little this "
+        "share is noise (`qatfx demo --seeds N` shows the spread on the demo model)",
+        "- QAT converted: the model saved here (qatfx.load), the number `qatfx eval` gives on the test split; "
+        "equal to the fake-quant model's (checked)",
+        "",
+        "| model | test perplexity | vs float control |", "|---|---|---|",
+        *(f"| {name} | {value:.4f} | {delta} |" for name, value, delta in rows),
+        "",
+        f"QAT recovers: {'n/a (PTQ lost nothing)' if share is None else f'{100 * share:.0f}%'} of PTQ's loss.",
+    ]
     return "\n".join(lines) + "\n"
 
 
-def _plot_curve(curve: list[float], path: Path) -> None:
+def _plot_curves(curves: dict[str, list[float]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(curve, linewidth=1)
-    ax.set(xlabel="step", ylabel="training loss", title="QAT fine-tuning")
+    for label, losses in curves.items():
+        ax.plot(losses, label=label, linewidth=1)
+    ax.set(xlabel="step", ylabel="training loss", title="Float control and QAT fine-tuning")
+    ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

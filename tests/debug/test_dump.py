@@ -14,8 +14,9 @@ import torch
 
 import qatfx
 import qatfx.debug
-from qatfx.debug import dumping, svg, trace
-from qatfx.debug.snapshot import diff, snapshot
+from qatfx.graph.meta import SOURCE_META_KEY
+from qatfx.instrument import dumping, settings, svg, trace
+from qatfx.instrument.snapshot import diff, snapshot
 from qatfx.passes import infra
 from qatfx.passes.infra import PassResult, run_pass
 from tests.debug.html_rows import parse
@@ -92,7 +93,7 @@ def test_insert_fake_quant_page_highlights_the_fake_quant_nodes(dumped):
         assert row.cells[6].startswith("qatfx/passes/insert_fake_quant.py:"), row.cells[6]
     # Nodes from torch.export point at the model's line.
     embedding = next(r for r in parsed.rows if r.row_id == "after-embedding")
-    assert embedding.cells[6].startswith("tests/models.py:") and embedding.cells[5] == "torch.export"
+    assert embedding.cells[6].startswith("qatfx/recipes/model.py:") and embedding.cells[5] == "torch.export"
 
 
 def test_convert_page_replaces_fake_quant_with_quantize_dequantize(dumped):
@@ -199,7 +200,7 @@ def test_a_folder_used_again_keeps_its_passes(tmp_path):
 def test_env_var_gives_each_process_its_own_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("QATFX_DUMP_DIR", str(tmp_path))
     gm = torch.fx.symbolic_trace(torch.nn.Linear(4, 4))
-    run_pass(gm, "noop", lambda g: PassResult(g, False))
+    run_pass(gm, "noop", lambda g: PassResult(g, False), dump_dir=settings.resolve_dump_dir())
     (run,) = tmp_path.iterdir()
     assert re.fullmatch(rf"run-\d{{8}}-\d{{6}}-{os.getpid()}", run.name)
     assert qatfx.debug.current_dump_dir() == run
@@ -214,10 +215,10 @@ def test_dumping_off_costs_nothing(monkeypatch):
         raise AssertionError("a graph was formatted with dumping off")
 
     monkeypatch.setattr(infra, "format_graph", no_formatting)
-    monkeypatch.setattr(infra, "_process_run_dir", no_formatting)
+    monkeypatch.setattr(settings, "_process_run_dir", no_formatting)
     prepared = qatfx.prepare_pt2e(TinyLM(layers=1), qatfx.Int8DynActInt4WeightQuantizer(32), (tokens(),))
     assert not prepared._create_node_hooks
-    assert not any(infra.SOURCE_META_KEY in n.meta for n in prepared.graph.nodes)
+    assert not any(SOURCE_META_KEY in n.meta for n in prepared.graph.nodes)
 
 
 def test_diff_matches_nodes_by_name_and_target():
@@ -239,7 +240,7 @@ def test_dump_blocks_nest():
         with qatfx.debug.dump("inner"):
             assert qatfx.debug.current_dump_dir() == Path("inner")
         assert qatfx.debug.current_dump_dir() == outer
-    assert not infra.DUMP_SCOPES
+    assert settings._scope.get() is None
 
 
 CHROMIUM = "/usr/bin/chromium"

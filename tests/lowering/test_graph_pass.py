@@ -103,8 +103,8 @@ def test_group_size_the_kernel_cannot_take_is_skipped_and_decomposed():
     expected, out, code = compile_and_run(converted(model, x, group_size=48), x, backend="qatfx")
     assert counters["qatfx"]["w4a8_linear_2d_bias"] == 0
     assert counters["qatfx"]["skipped:w4a8_linear_2d_bias"] >= 1
-    assert counters["qatfx"]["decompose_dequantize_int4"] == 1
-    assert counters["qatfx"]["decompose_dequantize"] == 1
+    assert counters["qatfx"]["decompose_int4_packed"] == 1
+    assert counters["qatfx"]["decompose_int_codes"] == 1
     assert "w4a8_linear" not in code
     assert_matches_eager(out, expected)
 
@@ -113,7 +113,7 @@ def test_group_size_the_kernel_cannot_take_is_skipped_and_decomposed():
     "config, fired, not_fired",
     [
         (LoweringConfig(fuse_epilogue=False), "w4a8_linear_2d_bias", "epilogue_gelu"),
-        (LoweringConfig(fuse_linear=False, fuse_epilogue=False), "decompose_dequantize_int4", "w4a8_linear_2d_bias"),
+        (LoweringConfig(fuse_linear=False, fuse_epilogue=False), "decompose_int4_packed", "w4a8_linear_2d_bias"),
     ],
 )
 def test_config_turns_stages_off(config, fired, not_fired):

@@ -2,9 +2,12 @@ import expecttest
 import torch
 
 import qatfx
-from qatfx.ops import dequantize, dequantize_int4, quantize_dynamic
+from qatfx.formats import format_named
+from qatfx.ops import dequantize, quantize_dynamic
 from tests.passes.graph_text import qatfx_graph_text
 from tests.passes.test_insert_fake_quant import prepared_block
+
+dequantize_int4 = format_named("int4_packed").dequantize_op
 
 
 class TestConvert(expecttest.TestCase):

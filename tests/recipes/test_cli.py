@@ -1,5 +1,5 @@
-"""The qatfx command: argument validation (exit code 2), the tiny demo preset, and
-finetune -> eval round trip on a small transformers Llama saved to disk."""
+"""The qatfx command: argument validation (exit code 2) and the tiny demo preset. The
+finetune -> eval round trips on transformers models are in test_finetune.py."""
 
 import json
 from pathlib import Path
@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from qatfx.cli import main
-from qatfx.recipes.finetune import load_converted
-from qatfx.recipes.train import perplexity
+from tests.recipes.test_finetune import save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -38,8 +37,20 @@ def exit_code_and_stderr(capsys, argv):
         (lambda tmp: ["finetune", "--model", "builtin:charlm", "--text", str(_text(tmp)), "--out", str(tmp / "o"),
                       "--group-size", "48"], "group size 48 does not divide"),
         (lambda tmp: ["demo", "--seeds", "0"], "must be a positive integer"),
+        (lambda tmp: ["finetune", "--model", "builtin:charlm", "--text", str(_text(tmp)), "--out", str(tmp / "o"),
+                      "--steps", "5", "--fake-quant-after", "5"], "QAT would never train with fake-quant"),
+        # model_zoo's GPT-2 has 64 positions; the default --seq-len is 128
+        (lambda tmp: ["finetune", "--model", str(save_checkpoint("hf_gpt2", tmp / "gpt2")), "--text", str(_text(tmp)),
+                      "--out", str(tmp / "o")], "--seq-len 128 is longer than the model's context of 64 positions"),
+        (lambda tmp: ["finetune", "--model", str(_small_vocab(tmp)), "--text", str(_text(tmp)), "--out", str(tmp / "o")],
+         "fewer than the 256 byte values qatfx would feed it; save the model's tokenizer"),
+        (lambda tmp: ["eval", "--model", str(_old_layout(tmp)), "--text", str(_text(tmp))], "re-run `qatfx finetune`"),
+        (lambda tmp: ["finetune", "--model", str(_old_layout(tmp)), "--text", str(_text(tmp)), "--out", str(tmp / "o")],
+         "finetune starts from a float transformers checkpoint"),
+        (lambda tmp: ["eval", "--model", str(_damaged_save(tmp)), "--text", str(_text(tmp))], "weights.safetensors is missing"),
     ],
-    ids=["missing-file", "binary-file", "not-a-checkpoint", "group-size", "zero-seeds"],
+    ids=["missing-file", "binary-file", "not-a-checkpoint", "group-size", "zero-seeds", "fake-quant-after-steps",
+         "seq-len-past-context", "no-tokenizer-small-vocab", "eval-old-layout", "finetune-of-an-output", "eval-damaged-save"],
 )
 def test_bad_arguments_exit_2_with_a_clear_message(tmp_path, capsys, make_argv, message):
     code, err = exit_code_and_stderr(capsys, make_argv(tmp_path))
@@ -49,6 +60,36 @@ def test_bad_arguments_exit_2_with_a_clear_message(tmp_path, capsys, make_argv, 
 def _binary(tmp: Path) -> Path:
     path = tmp / "weights.bin"
     path.write_bytes(bytes(range(256)) * 8)
+    return path
+
+
+def _small_vocab(tmp: Path) -> Path:
+    """A checkpoint with no tokenizer and model_zoo's 128-token vocabulary."""
+    from tests.model_zoo import BY_NAME
+
+    BY_NAME["hf_llama"].build()[0].save_pretrained(tmp / "llama128")
+    return tmp / "llama128"
+
+
+def _old_layout(tmp: Path) -> Path:
+    """What `qatfx finetune` wrote before it used qatfx.save."""
+    path = tmp / "old_out"
+    path.mkdir()
+    (path / "converted.pt").write_bytes(b"")
+    (path / "qatfx_model.json").write_text('{"model": "builtin:charlm", "qatfx_version": "0.1.0"}')
+    return path
+
+
+def _damaged_save(tmp: Path) -> Path:
+    """A finetune output whose weights file was not copied."""
+    import qatfx
+    from qatfx.recipes.finetune import SIDECAR
+
+    model = torch.nn.Sequential(torch.nn.Linear(32, 32))
+    prepared = qatfx.prepare_pt2e(model.eval(), qatfx.Int8DynActInt4WeightQuantizer(32), (torch.randn(2, 32),))
+    path = qatfx.save(qatfx.convert_pt2e(prepared), tmp / "out")
+    (path / SIDECAR).write_text(json.dumps({"tokenizer": {"kind": "bytes"}, "seq_len": 8, "max_positions": None}))
+    (path / "weights.safetensors").unlink()
     return path
 
 
@@ -70,28 +111,3 @@ def test_tiny_demo_report(tmp_path, text_file, capsys):
         assert row["converted_bytes"] < report["float_bytes"]
     for name in ("report.md", "training_curves.png", "perplexity.png"):
         assert (out / name).stat().st_size > 0
-
-
-def test_finetune_then_eval_round_trips_a_transformers_llama(tmp_path, text_file):
-    import transformers
-    config = transformers.LlamaConfig(
-        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    checkpoint = tmp_path / "llama"
-    transformers.LlamaForCausalLM(config).save_pretrained(checkpoint)
-    out = tmp_path / "out"
-    argv = ["finetune", "--model", str(checkpoint), "--text", str(text_file), "--out", str(out),
-            "--steps", "3", "--seq-len", "32", "--batch-size", "2", "--eager"]
-    assert main(argv) == 0
-    report = json.loads((out / "report.json").read_text())
-    ppl = report["test_perplexity"]
-    assert ppl["qat_converted"] == ppl["qat_fake_quant"]
-    # Rebuilt from converted.pt + qatfx_model.json: the same model, so the same perplexity.
-    from qatfx.recipes.corpus import load_text, split_text
-
-    text = load_text(text_file)
-    converted, encode = load_converted(out, text)
-    assert perplexity(converted, encode(split_text(text).test), 32) == ppl["qat_converted"]
-    assert main(["eval", "--model", str(out), "--text", str(text_file), "--seq-len", "32"]) == 0

@@ -34,15 +34,15 @@ import os
 from typing import NamedTuple, Optional
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from qatfx import reference
+from qatfx.lowering.epilogue import ACTIVATIONS, activation as activation_named
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu")
+SUPPORTED_ACTIVATIONS = tuple(ACTIVATIONS)
 SUPPORTED_OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SUPPORTED_SCALE_DTYPES = (torch.float32, torch.bfloat16)
 SUPPORTED_GROUP_SUM_DTYPES = (torch.int16, torch.int32)  # convert writes int16 for G <= 4096
@@ -72,7 +72,7 @@ def is_supported_group_size(g: int) -> bool:
 
 @triton.jit
 def _activation(y, ACTIVATION: tl.constexpr):
-    """ACTIVATION indexes SUPPORTED_ACTIVATIONS."""
+    """ACTIVATION is the activation's kernel_code in qatfx/lowering/epilogue.py."""
     if ACTIVATION == 1:
         y = tl.maximum(y, 0.0)
     elif ACTIVATION == 2:
@@ -377,7 +377,7 @@ def w4a8_gemm(
     logger.debug("w4a8_gemm M=%d N=%d K=%d G=%d: %s", m, n, k, group_size, plan)
 
     half = group_size // 2
-    flags = dict(HAS_BIAS=bias is not None, ACTIVATION=SUPPORTED_ACTIVATIONS.index(activation),
+    flags = dict(HAS_BIAS=bias is not None, ACTIVATION=activation_named(activation).kernel_code,
                  HAS_RESIDUAL=residual is not None)
     target = out if plan.split_k == 1 else torch.empty((plan.split_k, m, n), dtype=torch.float32,
                                                        device=device)
@@ -407,10 +407,6 @@ def w4a8_gemm(
 
 # ---- torch reference ------------------------------------------------------------------------
 
-_ACTIVATION_FNS = {"none": lambda y: y, "relu": torch.relu, "gelu": F.gelu,
-                   "gelu_tanh": lambda y: F.gelu(y, approximate="tanh"), "silu": F.silu}
-
-
 def w4a8_gemm_reference(
     x_q: torch.Tensor, x_scale: torch.Tensor, x_zero: torch.Tensor,
     w_packed: torch.Tensor, w_scales: torch.Tensor, w_group_sums: torch.Tensor,
@@ -439,7 +435,7 @@ def w4a8_gemm_reference(
     y = acc * x_scale
     if bias is not None:
         y = y + bias.to(torch.float32)
-    y = _ACTIVATION_FNS[activation](y)
+    y = activation_named(activation).fn(y)
     if residual is not None:
         y = y + residual.to(torch.float32)
     return y.to(out_dtype)

@@ -8,7 +8,7 @@
     # dumps/llama/index.html lists annotate, insert_fake_quant, eval, convert and the
     # Inductor-side stages fuse_linear, fuse_epilogue, decompose, ...
 
-Where a pass dumps is decided by `qatfx.passes.infra.resolve_dump_dir`. A folder holds,
+Where a pass dumps is decided by `qatfx.instrument.settings.resolve_dump_dir`. A folder holds,
 per pass, `NN_<pass>.before.txt` / `.after.txt` (for grep and diff), `NN_<pass>.html`,
 plus `index.html` and `dump.json` (the list behind the index). A folder used again, by
 this process or a later one, gets the next numbers and keeps its earlier passes in the
@@ -30,11 +30,12 @@ from typing import Iterator, Optional, Union
 import torch
 import torch.fx
 
-from qatfx.debug import html as pages
-from qatfx.debug import svg
-from qatfx.debug.provenance import SourceRecorder
-from qatfx.debug.snapshot import diff, snapshot
-from qatfx.passes import infra
+from qatfx.instrument import html as pages
+from qatfx.instrument import svg
+from qatfx.instrument.provenance import SourceRecorder
+from qatfx.instrument.settings import dump_scope, resolve_dump_dir
+from qatfx.instrument.snapshot import diff, snapshot
+from qatfx.instrument.text import format_graph
 
 log = logging.getLogger("qatfx.debug")
 
@@ -61,19 +62,14 @@ def dump(directory: Union[str, os.PathLike]) -> Iterator[Path]:
     `torch.compile(..., backend="qatfx")` compiled inside it (which then bypass Inductor's
     FX graph cache, so the pass runs and is recorded). An explicit `dump_dir=` argument
     still wins. Yields the folder as a Path."""
-    path = Path(directory)
-    infra.DUMP_SCOPES.append(path)
-    try:
+    with dump_scope(directory) as path:
         yield path
-    finally:  # blocks nest: ours is the last one entered with this path
-        scopes = infra.DUMP_SCOPES
-        del scopes[len(scopes) - 1 - scopes[::-1].index(path)]
 
 
 def current_dump_dir() -> Optional[Path]:
     """The folder passes without `dump_dir=` dump to now (a `dump()` block or
     QATFX_DUMP_DIR), or None when dumping is off."""
-    return infra.resolve_dump_dir(None)
+    return resolve_dump_dir(None)
 
 
 class DumpFolder:
@@ -167,7 +163,7 @@ class PassRecording:
         self.graph_kind, self.run_by = graph_kind, run_by or RUN_BY.get(name, "run_pass")
         self.stamp = stamp  # node.meta["qatfx_pass"] for the nodes it creates (run_pass stamps its own)
         self.before = snapshot(graph, origin)
-        self.text_before = infra.format_graph(graph_or_module, f"{self.title}: before", origin)
+        self.text_before = format_graph(graph_or_module, f"{self.title}: before", origin)
         owner = graph_or_module if isinstance(graph_or_module, torch.fx.GraphModule) else graph.owning_module
         self.sources = SourceRecorder(owner)
 
@@ -218,7 +214,7 @@ class PassRecording:
             return
         number = self.folder.next_number()
         prefix = f"{number:02d}_{self.name}"
-        text_after = infra.format_graph(graph_or_module, f"{self.title}: after" + (f" (failed: {error})" if error else ""), self.origin)
+        text_after = format_graph(graph_or_module, f"{self.title}: after" + (f" (failed: {error})" if error else ""), self.origin)
         self.folder.path.mkdir(parents=True, exist_ok=True)
         (self.folder.path / f"{prefix}.before.txt").write_text(self.text_before)
         (self.folder.path / f"{prefix}.after.txt").write_text(text_after)

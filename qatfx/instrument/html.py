@@ -10,7 +10,7 @@ from __future__ import annotations
 import html
 from typing import Iterable, Optional
 
-from qatfx.debug.snapshot import GraphDiff, NodeInfo, Snapshot
+from qatfx.instrument.snapshot import GraphDiff, NodeInfo, Snapshot
 
 _CSS = """
 body { font-family: system-ui, sans-serif; margin: 1.5em 2em; color: #1f2328; }

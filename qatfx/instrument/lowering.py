@@ -19,8 +19,9 @@ from typing import Optional
 import torch
 from torch._dynamo.utils import counters
 
-from qatfx.debug import trace
-from qatfx.passes.infra import format_graph, resolve_dump_dir
+from qatfx.instrument import trace
+from qatfx.instrument.settings import resolve_dump_dir
+from qatfx.instrument.text import format_graph
 
 log = logging.getLogger("qatfx.lowering")
 
@@ -41,9 +42,11 @@ def _compile_id() -> Optional[str]:
 class LoweringRecorder:
     """One per run of QATFXGraphPass; `with recorder.stage(name): ...` around each stage."""
 
-    def __init__(self, graph: torch.fx.Graph) -> None:
+    def __init__(self, graph: torch.fx.Graph, dump_dir=None) -> None:
+        """`dump_dir`: the folder given to the pass explicitly; None resolves the dump()
+        block or QATFX_DUMP_DIR now, while the compile runs."""
         self.graph = graph
-        self.directory = resolve_dump_dir(None)
+        self.directory = resolve_dump_dir(dump_dir)
         self.tracing = trace.enabled()
         self.active = self.directory is not None or self.tracing or log.isEnabledFor(logging.INFO)
         self.compile_id = _compile_id() if self.active else None
@@ -64,7 +67,7 @@ class _Stage:
         self.nodes = len(rec.graph.nodes)
         self.recording = None
         if rec.directory is not None:
-            from qatfx.debug.dumping import PassRecording
+            from qatfx.instrument.dumping import PassRecording
 
             self.recording = PassRecording(
                 rec.directory, f"inductor_{self.name}", rec.graph, title=self.name,

@@ -15,7 +15,7 @@ import re
 import shutil
 from typing import Optional
 
-from qatfx.debug.snapshot import GraphDiff, NodeInfo, Snapshot
+from qatfx.instrument.snapshot import GraphDiff, NodeInfo, Snapshot
 
 log = logging.getLogger("qatfx.debug")
 

@@ -20,9 +20,8 @@ from typing import Any, Optional
 import torch
 import torch.fx
 
-from qatfx.passes.infra import PASS_META_KEY, SOURCE_META_KEY
+from qatfx.graph.meta import PASS_META_KEY, RULE_META_KEY, SOURCE_META_KEY
 
-RULE_META_KEY = "qatfx_rewrite"  # the Inductor-side rule (Rewrite.name) that made a node
 _PROVENANCE_KEYS = (PASS_META_KEY, SOURCE_META_KEY, RULE_META_KEY)
 _MAX_ARGS_CHARS = 240
 

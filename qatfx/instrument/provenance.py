@@ -22,14 +22,30 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 import torch.fx
 
-from qatfx.debug.snapshot import RULE_META_KEY, TORCH_DIR, module_path
-from qatfx.passes.infra import PASS_META_KEY, SOURCE_META_KEY
+from qatfx.graph.meta import PASS_META_KEY, RULE_META_KEY, SOURCE_META_KEY
+from qatfx.instrument.snapshot import TORCH_DIR, module_path
 
-_QATFX_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
-# Frames that are plumbing, not the pass: these recorders and the rewrite driver.
-_RUN_PASS = os.path.join(_QATFX_DIR, "passes", "infra.py")  # the pass's caller: stop there
-_SKIP = (os.path.join(_QATFX_DIR, "debug", ""), os.path.join(_QATFX_DIR, "lowering", "rewrite.py"))
 _FRAMES_KEPT = 3
+# Plumbing, not the pass: modules whose frames are skipped (this package, the rewrite
+# driver), and the functions that run passes (the stack above them is the driver's).
+_PLUMBING_MODULES: set[str] = {__package__}
+_PASS_RUNNERS: set[Any] = set()
+
+
+def plumbing_module(name: str) -> None:
+    """Skip the frames of module `name` when looking for the line that made a node."""
+    _PLUMBING_MODULES.add(name)
+
+
+def pass_runner(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorator: `fn` runs passes; the search for a node's maker stops at its frame."""
+    _PASS_RUNNERS.add(fn.__code__)
+    return fn
+
+
+def _is_plumbing(module: Optional[str]) -> bool:
+    return module is not None and any(module == m or module.startswith(m + ".") for m in _PLUMBING_MODULES)
+
 
 # (rule name, replacement function) of the Inductor-side rewrite being applied, if any.
 _current_rule: Optional[tuple[str, Callable[..., Any]]] = None
@@ -58,11 +74,11 @@ def _caller_location() -> str:
     frame = sys._getframe(2)
     found = []
     while frame is not None and len(found) < _FRAMES_KEPT:
-        path = frame.f_code.co_filename
-        if path == _RUN_PASS:
+        path, module = frame.f_code.co_filename, frame.f_globals.get("__name__")
+        if frame.f_code in _PASS_RUNNERS:
             break
-        if not (path.startswith(TORCH_DIR) or path.startswith(_SKIP)):
-            where = module_path(path, frame.f_globals.get("__name__"))
+        if not (path.startswith(TORCH_DIR) or _is_plumbing(module)):
+            where = module_path(path, module)
             found.append(f"{where}:{frame.f_lineno} in {frame.f_code.co_name}")
         frame = frame.f_back
     return " <- ".join(found)

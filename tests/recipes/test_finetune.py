@@ -1,0 +1,130 @@
+"""`qatfx finetune` / `qatfx eval` on real transformers families saved to disk as a user
+would have them (tests/model_zoo.py builders, random weights, `use_cache` on as in a real
+checkpoint): linear sizes read from the modules, the float control, the qatfx.save output
+and `qatfx eval` of it."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import qatfx
+from qatfx.cli import main
+from qatfx.recipes.corpus import load_text, split_text
+from qatfx.recipes.finetune import SIDECAR, check_group_size, evaluate, load_model
+from tests.model_zoo import BY_NAME, FAMILIES
+
+ROOT = Path(__file__).resolve().parents[2]
+HF_FAMILIES = [f.name for f in FAMILIES if f.name.startswith("hf_") and not f.long_only]
+# K of every linear, from docs/models.md: hidden 64 (q/k/v/o, gate/up, lm_head), MLP 128
+# (down); GPT-2's MLP is 256 and its Conv1D weights are stored (K, N).
+EXPECTED_K = {name: (64, 256) if name == "hf_gpt2" else (64, 128) for name in HF_FAMILIES}
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    """Real English prose with no download: the project's own documentation."""
+    path = tmp_path / "docs.txt"
+    path.write_text("\n\n".join(p.read_text() for p in sorted((ROOT / "docs").glob("*.md"))))
+    return path
+
+
+def save_checkpoint(family: str, directory: Path, tokenizer=None) -> Path:
+    """A family's random model saved like a user's checkpoint: KV cache on (the transformers
+    default), and a vocabulary the tokenizer fills, or 256 for UTF-8 bytes without one."""
+    model, _ = BY_NAME[family].build()
+    model.resize_token_embeddings(256 if tokenizer is None else len(tokenizer))
+    model.config.use_cache = True
+    model.save_pretrained(directory)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    return directory
+
+
+def bpe_tokenizer(text: str):
+    """A byte-level BPE tokenizer trained on `text` (256 bytes + 64 merges), offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([text], trainers.BpeTrainer(vocab_size=320, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+@pytest.mark.parametrize("family", HF_FAMILIES)
+def test_linear_input_sizes_come_from_the_modules_of_every_family(tmp_path, family):
+    loaded = load_model(str(save_checkpoint(family, tmp_path / family)), "")
+    assert loaded.linear_in_features == EXPECTED_K[family]
+    assert loaded.max_positions == 64  # model_zoo's context (GPT-2: n_positions)
+    assert loaded.tokenizer.kind == "bytes"
+    # 48 divides none of 64, 128, 256
+    with pytest.raises(ValueError, match=re.escape(f"group size 48 does not divide the linear input size(s) {list(EXPECTED_K[family])}")):
+        check_group_size(loaded, 48)
+
+
+def finetune_and_eval(tmp_path: Path, text_file: Path, checkpoint: Path) -> tuple[dict, Path]:
+    out = tmp_path / "out"
+    # 3 steps, fake-quant from step 2: steps 0-1 are float in both runs
+    argv = ["finetune", "--model", str(checkpoint), "--text", str(text_file), "--out", str(out), "--steps", "3",
+            "--fake-quant-after", "2", "--seq-len", "32", "--batch-size", "2", "--lr", "1e-3", "--eager"]
+    assert main(argv) == 0
+    return json.loads((out / "report.json").read_text()), out
+
+
+def check_output(tmp_path: Path, text_file: Path, report: dict, out: Path, capsys) -> None:
+    ppl = report["test_perplexity"]
+    assert set(ppl) == {"float_start", "float_control", "ptq", "qat_fake_quant", "qat_converted"}
+    assert ppl["qat_converted"] == ppl["qat_fake_quant"]  # the contract: converted == fake-quant bit for bit
+    assert ppl["float_control"] != ppl["float_start"]  # the control was fine-tuned
+    control, qat = report["train_loss"]["float control"], report["train_loss"]["QAT"]
+    # Same graph, batches and seed, fake-quant off (an exact identity) for QAT's first 2 steps:
+    # the control's losses are QAT's bit for bit until fake-quant switches on at step 2.
+    assert control[:2] == qat[:2] and control[2] != qat[2]
+    md = (out / "report.md").read_text()
+    for row in ("float, before fine-tuning (start)", "float control", "PTQ of the float control", "QAT fake-quant", "QAT converted"):
+        assert f"| {row}" in md
+    assert "QAT recovers:" in md
+
+    # The output is a qatfx.save directory plus the tokenizer sidecar; nothing of the old layout.
+    converted = qatfx.load(out)
+    assert converted.qatfx_stage == "converted" and sum(r.quantized for r in converted.qatfx_layers) > 0
+    assert not (out / "converted.pt").exists() and not (out / "qatfx_model.json").exists()
+    assert "qatfx_version" not in json.loads((out / SIDECAR).read_text())
+
+    # `qatfx eval` on the test split scores the saved program on the same windows as the
+    # report's "QAT converted" row: the same computation op for op, so the same float.
+    test_file = tmp_path / "test_split.txt"
+    test_file.write_text(split_text(load_text(text_file)).test)
+    assert evaluate(str(out), test_file) == ppl["qat_converted"]
+    capsys.readouterr()
+    assert main(["eval", "--model", str(out), "--text", str(test_file)]) == 0
+    assert capsys.readouterr().out == f"test perplexity: {ppl['qat_converted']:.4f}\n"
+
+
+def test_finetune_then_eval_gpt2_with_byte_tokens(tmp_path, text_file, capsys):
+    checkpoint = save_checkpoint("hf_gpt2", tmp_path / "gpt2")
+    report, out = finetune_and_eval(tmp_path, text_file, checkpoint)
+    assert json.loads((out / SIDECAR).read_text())["tokenizer"] == {"kind": "bytes"}
+    check_output(tmp_path, text_file, report, out, capsys)
+
+
+def test_finetune_then_eval_llama_with_its_tokenizer(tmp_path, text_file, capsys):
+    import shutil
+
+    tokenizer = bpe_tokenizer(load_text(text_file))
+    checkpoint = save_checkpoint("hf_llama", tmp_path / "llama", tokenizer)
+    report, out = finetune_and_eval(tmp_path, text_file, checkpoint)
+    assert report["test_tokens"] == len(tokenizer(split_text(load_text(text_file)).test)["input_ids"])
+    shutil.rmtree(checkpoint)  # the output needs nothing from the checkpoint: its tokenizer was copied
+    check_output(tmp_path, text_file, report, out, capsys)
+
+
+@pytest.mark.long
+@pytest.mark.parametrize("family", HF_FAMILIES)
+def test_finetune_then_eval_every_family(tmp_path, text_file, capsys, family):
+    report, out = finetune_and_eval(tmp_path, text_file, save_checkpoint(family, tmp_path / family))
+    check_output(tmp_path, text_file, report, out, capsys)
