@@ -141,8 +141,9 @@ def test_accepts_exported_program_and_its_module():
 def test_summary_counts_and_bytes():
     s = qatfx.summary(prepared_lm())
     assert len(s.quantized) == 15 and not s.skipped  # 2 blocks x 7 + lm_head
-    # int4 + fp32 scale per 32 weights: 0.5 + 4/32 = 0.625 bytes per weight vs 4 in fp32
-    assert s.quantized_bytes * 4 == pytest.approx(s.float_bytes * 0.625)
+    # per 32 weights: 16 bytes of int4, a 4-byte fp32 scale and a 2-byte int16 group sum,
+    # 0.5 + 4/32 + 2/32 = 0.6875 bytes per weight vs 4 in fp32 (integers: exact)
+    assert s.quantized_bytes * 4 == s.float_bytes * 0.6875
     assert "15 quantized, 0 skipped" in str(s)
 
 

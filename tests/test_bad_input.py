@@ -251,7 +251,19 @@ def test_opt_in_activation_check_under_compile_and_backward(backend):
     out[[0, 4]].sum().backward()
     x_plain = x.detach().clone().requires_grad_()
     plain(x_plain)[[0, 4]].sum().backward()
-    assert torch.equal(x.grad[[0, 4]], x_plain.grad[[0, 4]])
+    if backend == "aot_eager":  # the same aten ops as eager, op for op: exact
+        assert torch.equal(x.grad[[0, 4]], x_plain.grad[[0, 4]])
+        return
+    # Inductor's backward is not eager's op for op. A finite row's gradient is
+    # ((1 @ fq(W)) * s) * mask * (1 / s): an N-term fp32 dot of ones with the fake-quantized
+    # weight (|fl - exact| <= N u sum_n |fq(W)[n, k]|, u = 2^-24), then 3 roundings; two
+    # evaluations differ by at most twice (N + 3) u sum_n |fq(W)[n, k]|. A lost or doubled
+    # gradient is off by a whole row of fq(W), far above.
+    w_fq = qatfx.ops.fake_quantize(model.fc.weight.detach(), **qatfx.spec.int4_per_group_weight(32).op_kwargs())
+    u, n = 2.0**-24, w_fq.shape[0]
+    bound = 2 * (n + 3) * u * w_fq.double().abs().sum(0)
+    diff = (x.grad[[0, 4]].double() - x_plain.grad[[0, 4]].double()).abs()
+    assert bool((diff <= bound).all()), (diff.max(), bound.min())
 
 
 # ---- models exported in training mode -----------------------------------------------------

@@ -27,6 +27,7 @@ from qatfx.formats import FORMATS, WeightFormat
 from qatfx.formats.base import elements_per_group
 from qatfx.graph.arguments import op_arguments
 from qatfx.lowering.epilogue import ACTIVATIONS
+from qatfx.lowering.kernels.w4a8_gemm import SUPPORTED_SCALE_DTYPES as KERNEL_SCALE_DTYPES
 from qatfx.lowering.rewrite import Rewrite
 from qatfx.lowering.w4a8_linear import WEIGHT_FORMAT, w4a8_linear
 from qatfx.ops import dequantize, quantize_dynamic
@@ -106,6 +107,9 @@ def _check_linear(match: Match) -> Optional[str]:
         return "activation is not int8"
     if act["out_dtype"] != weight["out_dtype"]:
         return f"activation dequantizes to {act['out_dtype']} but the weight to {weight['out_dtype']}"
+    scales = _val(weight["scales"])
+    if scales is not None and scales.dtype not in KERNEL_SCALE_DTYPES:
+        return f"weight scales are {scales.dtype}; the kernel reads {KERNEL_SCALE_DTYPES}"
     k = 2 * _val(weight["packed"]).shape[-1]
     if not kernel_group_size_ok(weight["group_size"], k):
         return f"group size {weight['group_size']} with K={k}: the kernel needs a power of two >= 32 dividing K"

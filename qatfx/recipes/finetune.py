@@ -218,8 +218,9 @@ def finetune(options: FinetuneOptions) -> dict:
 
     model = loaded.module
     ppl = {"float_start": perplexity(model, test_tokens, seq, desc="eval float (start)")}
-    # Exported in eval mode (docs/models.md: GPT-2 has no attention dropout in the graph);
-    # the control and QAT train this one graph, so they differ only in fake-quant.
+    # Exported in eval mode (docs/models.md: no attention dropout in GPT-2's graph; residual
+    # dropout still follows .train()). Control and QAT train this one graph, so they differ
+    # only in fake-quant.
     control = qatfx.prepare_pt2e(model.eval(), quantizer, (example,))  # trains `model`'s parameters in place
     qat = copy.deepcopy(control)  # its own parameters, from the same starting weights
     qatfx.disable_fake_quant(control)  # disabled fake-quant is an exact identity: the float model
@@ -233,7 +234,8 @@ def finetune(options: FinetuneOptions) -> dict:
 
     out = options.out
     out.mkdir(parents=True, exist_ok=True)
-    (out / SIDECAR).unlink(missing_ok=True)  # a previous run's must not describe this model
+    for stale in (SIDECAR, OLD_METADATA, "converted.pt"):  # a previous run's must not describe this model
+        (out / stale).unlink(missing_ok=True)
     qatfx.save(qatfx.convert_pt2e(qat), out)
     # The saved model, loaded back: exactly what `qatfx eval --model OUT` scores.
     ppl["qat_converted"] = perplexity(qatfx.load(out), test_tokens, seq, desc="eval QAT converted")

@@ -8,7 +8,6 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
 
 import qatfx
 from qatfx.cli import main
@@ -66,7 +65,7 @@ def test_linear_input_sizes_come_from_the_modules_of_every_family(tmp_path, fami
         check_group_size(loaded, 48)
 
 
-def finetune_and_eval(tmp_path: Path, text_file: Path, checkpoint: Path) -> tuple[dict, Path]:
+def finetune_and_eval(tmp_path: Path, text_file: Path, checkpoint) -> tuple[dict, Path]:
     out = tmp_path / "out"
     # 3 steps, fake-quant from step 2: steps 0-1 are float in both runs
     argv = ["finetune", "--model", str(checkpoint), "--text", str(text_file), "--out", str(out), "--steps", "3",
@@ -120,6 +119,14 @@ def test_finetune_then_eval_llama_with_its_tokenizer(tmp_path, text_file, capsys
     report, out = finetune_and_eval(tmp_path, text_file, checkpoint)
     assert report["test_tokens"] == len(tokenizer(split_text(load_text(text_file)).test)["input_ids"])
     shutil.rmtree(checkpoint)  # the output needs nothing from the checkpoint: its tokenizer was copied
+    check_output(tmp_path, text_file, report, out, capsys)
+
+
+def test_finetune_then_eval_builtin_charlm(tmp_path, text_file, capsys):
+    text_file.write_text(text_file.read_text()[:20_000])  # its 4-layer, 128-wide model evaluates slowly
+    report, out = finetune_and_eval(tmp_path, text_file, "builtin:charlm")
+    chars = json.loads((out / SIDECAR).read_text())["tokenizer"]
+    assert chars["kind"] == "chars" and set(chars["chars"]) == set(split_text(load_text(text_file)).train)
     check_output(tmp_path, text_file, report, out, capsys)
 
 
