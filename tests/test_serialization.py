@@ -288,3 +288,14 @@ def test_loaded_model_lowers_like_the_converted_one(tmp_path):
     (expected, fired), (out, fired_loaded) = results
     assert fired and fired_loaded == fired
     assert torch.equal(out, expected)
+
+
+def test_manifest_names_each_layers_weight_format_and_load_refuses_an_unknown_one(copy_of):
+    manifest = json.loads((copy_of / MANIFEST_FILE).read_text())
+    quantized = [layer for layer in manifest["layers"] if layer["quantized"]]
+    assert quantized and all(layer["format"] == "int4_packed" for layer in quantized)
+    assert all(set(layer["tensors"]) - {"bias"} == {"packed", "scales", "group_sums"} for layer in quantized)
+    quantized[0]["format"] = "nf4"
+    (copy_of / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(qatfx.SerializationError, match=r"unknown qatfx weight format 'nf4'.*qatfx version that saved it"):
+        qatfx.load(copy_of)

@@ -185,6 +185,17 @@ def test_a_failing_pass_is_dumped_and_named(tmp_path):
     assert "The pass failed" in (tmp_path / "01_breaks_graph.html").read_text()
 
 
+def test_explicit_dump_dirs_reach_every_stage_without_a_dump_block(tmp_path, monkeypatch):
+    monkeypatch.delenv("QATFX_DUMP_DIR", raising=False)
+    prepared = qatfx.prepare_pt2e(TinyLM(layers=1), qatfx.Int8DynActInt4WeightQuantizer(32), (tokens(),), dump_dir=tmp_path / "fx")
+    converted = qatfx.convert_pt2e(prepared.eval())
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(converted, backend="qatfx", options={"qatfx_dump_dir": tmp_path / "inductor"})(tokens())
+    assert [r.cell("name").split("\n")[0] for r in index_rows(tmp_path / "fx")] == FX_PASSES
+    assert [r.cell("name").split("\n")[0] for r in index_rows(tmp_path / "inductor")] == INDUCTOR_STAGES
+
+
 def test_a_folder_used_again_keeps_its_passes(tmp_path):
     def identity(g):
         return PassResult(g, False)

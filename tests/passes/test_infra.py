@@ -2,7 +2,10 @@ import pytest
 import torch
 
 import qatfx
-from qatfx.passes.infra import run_pass
+from qatfx.passes.convert import convert
+from qatfx.passes.fake_quant_toggle import set_fake_quant_enabled
+from qatfx.passes.infra import history, run_pass
+from qatfx.passes.insert_fake_quant import insert_fake_quant
 from tests.models import TinyLM, tokens
 from tests.passes.broken_pass import breaks_graph
 
@@ -36,3 +39,22 @@ def test_invalid_graph_names_the_pass():
 
     with pytest.raises(RuntimeError, match="qatfx pass 'breaks_graph' produced an invalid graph"):
         run_pass(gm, "breaks_graph", breaks_graph)
+
+
+def test_a_pass_run_before_what_it_requires_names_the_missing_pass():
+    prepared = qatfx.prepare_pt2e(TinyLM(), qatfx.Int8DynActInt4WeightQuantizer(32), (tokens(),))
+    assert history(prepared) == ["annotate", "insert_fake_quant"]
+    converted = qatfx.convert_pt2e(prepared.eval())
+    assert history(converted) == ["annotate", "insert_fake_quant", "eval", "convert"]  # copied with the module
+
+    captured = torch.export.export(TinyLM(), (tokens(),)).module()
+    with pytest.raises(RuntimeError, match="pass 'convert' needs pass 'insert_fake_quant' to have run on this module first"):
+        run_pass(captured, "convert", convert)
+    with pytest.raises(RuntimeError, match="'insert_fake_quant' needs pass 'annotate'"):
+        run_pass(captured, "insert_fake_quant", insert_fake_quant)
+
+
+def test_declared_requirements_form_the_prepare_convert_schedule():
+    assert insert_fake_quant.requires == ("annotate",)
+    assert convert.requires == ("insert_fake_quant",)
+    assert set_fake_quant_enabled(True).requires == ("insert_fake_quant",)
