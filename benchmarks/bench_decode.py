@@ -26,7 +26,8 @@ import torch
 from torch._dynamo.utils import counters
 
 import qatfx
-from decode_model import LLAMA_1B, TINY, DecodeConfig, DecodeLM, initial_state
+from decode_model import LLAMA_1B, TINY, DecodeLM, initial_state
+from qatfx.recipes.model import LMConfig
 
 BF16 = torch.bfloat16
 
@@ -123,7 +124,7 @@ def time_decode(step, state, args) -> tuple[float, float]:
 
 def main() -> int:
     args = parse_args()
-    cfg: DecodeConfig = args.config
+    cfg: LMConfig = args.config
     torch.manual_seed(0)
     with torch.device(args.device):
         model = DecodeLM(cfg, BF16).eval()
@@ -177,8 +178,8 @@ def main() -> int:
 
     headers = ["model", "compile", "ms/token", "±%", "tokens/s", "weights MB", "weight GB/s", "vs bf16"]
     lines = common.report_header("Decode: tokens/s, bf16 vs qatfx 8da4w", args.device) + [
-        f"- model: DecodeLM {n_params / 1e6:.1f}M params (dim {cfg.dim}, {cfg.layers} layers, {cfg.heads}/{cfg.kv_heads} heads, "
-        f"ffn {cfg.ffn}, vocab {cfg.vocab}), bf16, random weights; batch {args.batch}, cache {cfg.max_seq}, "
+        f"- model: DecodeLM {n_params / 1e6:.1f}M params (dim {cfg.dim}, {cfg.layers} layers, {cfg.heads}/{cfg.n_kv_heads} heads, "
+        f"ffn {cfg.hidden}, vocab {cfg.vocab_size}), bf16, random weights; batch {args.batch}, cache {cfg.max_seq}, "
         f"prompt {args.prompt_len}, {args.steps} timed steps x 2 repeats after {args.warmup} warm-up step(s)",
         f"- 8da4w: int8 per-token activations, int4 weights, group size {args.group_size}",
         "- weights MB: what a step reads (all weights but the embedding table); weight GB/s = that / step time",

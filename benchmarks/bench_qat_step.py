@@ -52,7 +52,7 @@ import torchao  # noqa: E402
 from torchao.quantization.qat import Int8DynActInt4WeightQATQuantizer  # noqa: E402
 
 import qatfx  # noqa: E402
-from decode_model import RMSNorm, apply_rope  # noqa: E402  the decode benchmark's Llama pieces
+from qatfx.recipes.model import CausalLM, LMConfig  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GOAL_RATIO = 1.10  # qatfx compiled QAT step / compiled float step
@@ -143,71 +143,17 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # ---- the model -------------------------------------------------------------------------------
 
 
-class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype) -> None:
-        super().__init__()
-        self.heads, self.kv_heads, self.head_dim = cfg.heads, cfg.kv_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.dim, cfg.heads * cfg.head_dim, bias=False, dtype=dtype)
-        self.k_proj = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False, dtype=dtype)
-        self.v_proj = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False, dtype=dtype)
-        self.o_proj = nn.Linear(cfg.heads * cfg.head_dim, cfg.dim, bias=False, dtype=dtype)
-
-    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        b, t, _ = h.shape
-
-        def heads(proj: nn.Linear, n: int) -> torch.Tensor:
-            return proj(h).view(b, t, n, self.head_dim).transpose(1, 2)
-
-        q = apply_rope(heads(self.q_proj, self.heads), cos, sin)
-        k = apply_rope(heads(self.k_proj, self.kv_heads), cos, sin)
-        v = heads(self.v_proj, self.kv_heads)
-        # grouped-query attention as Llama's code: query head h reads kv head h // n_rep
-        n_rep = self.heads // self.kv_heads
-        k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.o_proj(o.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
-
-
-class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype) -> None:
-        super().__init__()
-        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps, dtype)
-        self.attn = Attention(cfg, dtype)
-        self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps, dtype)
-        self.gate_proj = nn.Linear(cfg.dim, cfg.ffn, bias=False, dtype=dtype)
-        self.up_proj = nn.Linear(cfg.dim, cfg.ffn, bias=False, dtype=dtype)
-        self.down_proj = nn.Linear(cfg.ffn, cfg.dim, bias=False, dtype=dtype)
-
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin)
-        h = self.mlp_norm(x)
-        return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
-
-
-class TrainLM(nn.Module):
-    """Llama-style causal LM for training: RMSNorm, RoPE, GQA, SwiGLU, untied lm_head, no
-    dropout (so every variant computes the same function and losses can be compared).
-    PyTorch's default initialization: logits of order one, so the loss is sensitive to the
-    fake quantization (with Llama's std-0.02 init every variant's loss would be ~ln(vocab)).
-    Build under `with torch.device(...)` to allocate on that device directly."""
-
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(cfg.vocab, cfg.dim, dtype=dtype)
-        self.layers = nn.ModuleList(Block(cfg, dtype) for _ in range(cfg.layers))
-        self.norm = RMSNorm(cfg.dim, cfg.norm_eps, dtype)
-        self.lm_head = nn.Linear(cfg.dim, cfg.vocab, bias=False, dtype=dtype)
-        # fp32 for a bf16 model too (so never cast the model with .to(dtype) afterwards)
-        inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        x = self.embed(tokens)
-        angle = torch.arange(tokens.shape[1], device=tokens.device, dtype=torch.float32)[:, None] * self.inv_freq
-        cos, sin = angle.cos(), angle.sin()
-        for layer in self.layers:
-            x = layer(x, cos, sin)
-        return self.lm_head(self.norm(x))
+def TrainLM(cfg: ModelConfig, dtype: torch.dtype, max_seq: int) -> CausalLM:
+    """The toy Llama (qatfx/recipes/model.py) for training: RMSNorm, RoPE, GQA, SwiGLU, untied
+    lm_head, no dropout (so every variant computes the same function and losses can be
+    compared). PyTorch's default initialization: logits of order one, so the loss is
+    sensitive to the fake quantization (with Llama's std-0.02 init every variant's loss would
+    be ~ln(vocab)). Build under `with torch.device(...)` to allocate on that device directly."""
+    lm = LMConfig(
+        vocab_size=cfg.vocab, dim=cfg.dim, layers=cfg.layers, heads=cfg.heads, kv_heads=cfg.kv_heads, hidden=cfg.ffn,
+        max_seq=max_seq, rope_base=cfg.rope_theta, norm_eps=cfg.norm_eps, init_std=None,
+    )
+    return CausalLM(lm, dtype)
 
 
 class LossOf(nn.Module):
@@ -577,7 +523,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     cfg = parse_args(argv)
     torch.manual_seed(0)
     with torch.device(cfg.device):
-        master = TrainLM(cfg.model, cfg.dtype).train()
+        master = TrainLM(cfg.model, cfg.dtype, max_seq=cfg.seq).train()
     n_params = sum(p.numel() for p in master.parameters())
     log(f"model: {n_params / 1e6:.1f}M parameters, {cfg.model}, {cfg.dtype}, batch {cfg.batch} x seq {cfg.seq}")
     check_batch, batch = make_batch(cfg, seed=1), make_batch(cfg, seed=2)

@@ -20,59 +20,18 @@ import time
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 import torch.nn.functional as F
 
 import qatfx
+from qatfx.recipes.model import CausalLM, LMConfig
 
 VOCAB = 128  # bytes of ASCII text
 TEXT = torch.tensor(list(b"quantization-aware training on many ranks keeps every int4 weight in step. " * 64))
 
 
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x):
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight
-
-
-class Block(nn.Module):
-    def __init__(self, dim: int, heads: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.attn_norm, self.mlp_norm = RMSNorm(dim), RMSNorm(dim)
-        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
-        self.out = nn.Linear(dim, dim, bias=False)
-        self.up, self.down = nn.Linear(dim, 4 * dim, bias=False), nn.Linear(4 * dim, dim, bias=False)
-
-    def forward(self, x):
-        b, t, d = x.shape
-        q, k, v = self.qkv(self.attn_norm(x)).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.out(a.transpose(1, 2).reshape(b, t, d))
-        return x + self.down(F.silu(self.up(self.mlp_norm(x))))
-
-
-class ByteLM(nn.Module):
-    """A small Llama-style byte model: no dropout, so every rank's forward is deterministic."""
-
-    def __init__(self, dim: int = 64, heads: int = 4, layers: int = 2) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(VOCAB, dim)
-        self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(layers))
-        self.norm = RMSNorm(dim)
-        self.lm_head = nn.Linear(dim, VOCAB, bias=False)
-        for p in self.parameters():
-            if p.dim() == 2:
-                nn.init.normal_(p, std=0.02)
-
-    def forward(self, tokens):
-        x = self.embed(tokens)
-        for block in self.blocks:
-            x = block(x)
-        return self.lm_head(self.norm(x))
+def byte_lm(max_seq: int) -> CausalLM:
+    """The toy Llama on bytes: no dropout, so every rank's forward is deterministic."""
+    return CausalLM(LMConfig(vocab_size=VOCAB, dim=64, layers=2, heads=4, hidden=256, max_seq=max_seq))
 
 
 def global_batch(step: int, batch: int, seq: int) -> torch.Tensor:
@@ -154,7 +113,7 @@ def main(argv=None) -> list[float]:
     def fresh_prepared():
         torch.manual_seed(0)  # the same initial weights on every rank
         example = global_batch(0, 2, 8)[:, :-1].to(device)
-        return qatfx.prepare_pt2e(ByteLM().to(device).train(), quantizer, (example,))
+        return qatfx.prepare_pt2e(byte_lm(max(args.seq, 8)).to(device).train(), quantizer, (example,))
 
     prepared = fresh_prepared()
     schedule = qatfx.FakeQuantAfterNSteps(prepared, args.fake_quant_after)  # the graph changes before wrapping

@@ -6,30 +6,17 @@
 import logging
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 import qatfx
-
-
-class TinyLM(nn.Module):
-    def __init__(self, vocab=256, dim=128):
-        super().__init__()
-        self.embed = nn.Embedding(vocab, dim)
-        self.up, self.down = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
-        self.lm_head = nn.Linear(dim, vocab, bias=False)
-
-    def forward(self, tokens):
-        x = self.embed(tokens)
-        x = x + self.down(F.silu(self.up(F.layer_norm(x, x.shape[-1:]))))
-        return self.lm_head(x)
+from qatfx.recipes.model import CausalLM, LMConfig  # the toy Llama: any nn.Module with linears works
 
 
 def main():
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.manual_seed(0)
     text = torch.tensor(list(b"quantization-aware training keeps int4 models accurate. " * 40))
-    model = TinyLM().train()
+    model = CausalLM(LMConfig(vocab_size=256, dim=128, layers=1, heads=4, hidden=384, max_seq=64)).train()
     prepared = qatfx.prepare_pt2e(model, qatfx.Int8DynActInt4WeightQuantizer(group_size=32), (text[:32].view(2, 16),))
     print(qatfx.summary(prepared))
 
