@@ -78,6 +78,13 @@ class WeightFormat(abc.ABC):
 # ---- shared arithmetic of the formats ------------------------------------------------------
 
 
+def two_per_byte_unpacked(packed: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """The (N, K) result of dequantizing an (N, K // 2) two-per-byte weight: the fake
+    (shape-only) kernel of such a format's dequantize op."""
+    n, half_k = packed.shape
+    return packed.new_empty((n, 2 * half_k), dtype=out_dtype)
+
+
 def elements_per_group(group_size: int, k: int) -> int:
     """Elements sharing one scale along K: the whole row for ROW (per channel)."""
     return k if group_size == ROW else group_size

@@ -15,7 +15,15 @@ from typing import Optional, Sequence
 import torch
 
 from qatfx import reference
-from qatfx.formats.base import PATTERN_DTYPE, PATTERN_GROUP_SIZE, WeightFormat, elements_per_group, qparam_bytes, qparam_count
+from qatfx.formats.base import (
+    PATTERN_DTYPE,
+    PATTERN_GROUP_SIZE,
+    WeightFormat,
+    elements_per_group,
+    qparam_bytes,
+    qparam_count,
+    two_per_byte_unpacked,
+)
 from qatfx.spec import QuantSpec
 
 
@@ -44,8 +52,7 @@ def dequantize_int4(
 
 @dequantize_int4.register_fake
 def _(packed, scales, group_sums, group_size, out_dtype):
-    n, half_k = packed.shape
-    return packed.new_empty((n, 2 * half_k), dtype=out_dtype)
+    return two_per_byte_unpacked(packed, out_dtype)
 
 
 class Int4Packed(WeightFormat):

@@ -20,7 +20,14 @@ from typing import Optional, Sequence
 import torch
 
 from qatfx import reference
-from qatfx.formats.base import PATTERN_DTYPE, PATTERN_GROUP_SIZE, WeightFormat, elements_per_group, qparam_bytes
+from qatfx.formats.base import (
+    PATTERN_DTYPE,
+    PATTERN_GROUP_SIZE,
+    WeightFormat,
+    elements_per_group,
+    qparam_bytes,
+    two_per_byte_unpacked,
+)
 from qatfx.spec import QuantSpec
 
 
@@ -43,8 +50,7 @@ def dequantize_int4_zp(
 
 @dequantize_int4_zp.register_fake
 def _(packed, scales, zeros, group_size, out_dtype):
-    n, half_k = packed.shape
-    return packed.new_empty((n, 2 * half_k), dtype=out_dtype)
+    return two_per_byte_unpacked(packed, out_dtype)
 
 
 class Int4ZeroPointPacked(WeightFormat):
