@@ -4,6 +4,8 @@ Each pass logs its graph as an artifact named `qatfx_<pass>_before` / `qatfx_<pa
 (FX passes) or `qatfx_inductor_<stage>_after` (the Inductor-side rewrites, filed under
 their compile id), through `torch._logging.trace_structured` (torch >= 2.11 has the same
 signature). Nothing is formatted unless a trace file is being written.
+
+Importing it also names the "qatfx" loggers in torch._logging, for TORCH_LOGS=+qatfx.
 """
 
 from __future__ import annotations
@@ -51,3 +53,19 @@ def artifact(name: str, encoding: str, payload_fn: Callable[[], Any]) -> None:
 
 def graph_artifact(name: str, text_fn: Callable[[], str]) -> None:
     artifact(name, "string", text_fn)
+
+
+def _register_torch_log() -> None:
+    """Name the "qatfx" logger hierarchy in torch._logging's registry, so `TORCH_LOGS=+qatfx`
+    and `torch._logging.set_logs(modules={"qatfx": logging.DEBUG})` switch it like torch's
+    own components (and TORCH_LOGS=help lists it). torch's private API: skipped quietly
+    where it differs; TORCH_LOGS still finds qatfx as a module name then."""
+    try:
+        from torch._logging._internal import register_log
+
+        register_log("qatfx", ["qatfx"])
+    except Exception as exc:  # only the TORCH_LOGS alias is lost
+        log.debug("qatfx: not registered with torch._logging: %s", exc)
+
+
+_register_torch_log()

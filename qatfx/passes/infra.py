@@ -120,19 +120,3 @@ def run_pass(
     if tracing:
         trace.graph_artifact(f"qatfx_{name}_after", lambda: format_graph(out, f"{name}: after"))
     return result
-
-
-def _register_torch_log() -> None:
-    """Name the "qatfx" logger hierarchy in torch._logging's registry, so `TORCH_LOGS=+qatfx`
-    and `torch._logging.set_logs(modules={"qatfx": logging.DEBUG})` switch it like torch's
-    own components (and TORCH_LOGS=help lists it). torch's private API: skipped quietly
-    where it differs; TORCH_LOGS still finds qatfx as a module name then."""
-    try:
-        from torch._logging._internal import register_log
-
-        register_log("qatfx", ["qatfx"])
-    except Exception as exc:  # only the TORCH_LOGS alias is lost
-        log.debug("qatfx: not registered with torch._logging: %s", exc)
-
-
-_register_torch_log()
