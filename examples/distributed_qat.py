@@ -156,6 +156,9 @@ def main(argv=None) -> list[float]:
             qatfx.save(qatfx.convert_pt2e(final.eval()), args.save)
             print(f"converted model saved to {args.save}")
     if world > 1:
+        # Wait for rank 0's save: a rank that tears down gloo while another still works can
+        # abort at exit ("terminate called without an active exception").
+        dist.barrier()
         dist.destroy_process_group()
     return losses
 
