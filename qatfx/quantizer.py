@@ -12,6 +12,7 @@ from typing import Iterable, Optional, Union
 import torch
 import torch.fx
 
+from qatfx.formats import format_for
 from qatfx.graph.linear_sites import LinearSite, find_linear_sites, get_attr_value
 from qatfx.graph.meta import ANNOTATION_KEY
 from qatfx.spec import (
@@ -117,9 +118,7 @@ class Quantizer:
                 f"in_features {k} is not divisible by group size {granularity.group_size}; "
                 "left in float (qatfx skips rather than pads); choose a group size dividing it"
             )
-        if self.weight_spec.bits == 4 and isinstance(granularity, PerChannel) and k % 2:
-            return f"in_features {k} is odd; packed int4 per-channel weights need an even K"
-        return None
+        return format_for(self.weight_spec).layout_problem(self.weight_spec, k)
 
 
 class Int8DynActInt4WeightQuantizer(Quantizer):

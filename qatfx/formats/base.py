@@ -67,6 +67,11 @@ class WeightFormat(abc.ABC):
     decompose_pattern: ClassVar[Callable[..., torch.Tensor]]
     decompose_math: ClassVar[Callable[..., torch.Tensor]]
 
+    def layout_problem(self, spec: QuantSpec, k: int) -> Optional[str]:
+        """Why a weight with K = `k` input features cannot be stored in this format (the
+        quantizer skips the layer with this reason), or None."""
+        return None
+
     def op_args(self, parts: dict[str, Any], group_size: int, out_dtype: torch.dtype) -> tuple:
         """Arguments of `dequantize_op` for `parts` (tensors or graph nodes by part name)."""
         return (*(parts.get(part) for part in self.parts), group_size, out_dtype)
@@ -88,6 +93,13 @@ def two_per_byte_unpacked(packed: torch.Tensor, out_dtype: torch.dtype) -> torch
 def elements_per_group(group_size: int, k: int) -> int:
     """Elements sharing one scale along K: the whole row for ROW (per channel)."""
     return k if group_size == ROW else group_size
+
+
+def two_per_byte_problem(fmt: WeightFormat, spec: QuantSpec, k: int) -> Optional[str]:
+    """A two-codes-per-byte format packs each group (each row, per channel) in halves."""
+    if elements_per_group(spec.group_size, k) % 2:
+        return f"in_features {k} is odd; the {fmt.name} format stores two int4 codes per byte and needs an even K"
+    return None
 
 
 def qparam_count(spec: QuantSpec, n: int, k: int) -> int:

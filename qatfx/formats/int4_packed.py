@@ -22,6 +22,7 @@ from qatfx.formats.base import (
     elements_per_group,
     qparam_bytes,
     qparam_count,
+    two_per_byte_problem,
     two_per_byte_unpacked,
 )
 from qatfx.spec import QuantSpec
@@ -62,6 +63,9 @@ class Int4Packed(WeightFormat):
 
     def accepts(self, spec: QuantSpec) -> bool:
         return spec.bits == 4 and spec.signed and spec.symmetric
+
+    def layout_problem(self, spec, k):
+        return two_per_byte_problem(self, spec, k)
 
     def pack(self, q, scale, zero, spec):
         return {

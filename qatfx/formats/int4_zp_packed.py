@@ -26,6 +26,7 @@ from qatfx.formats.base import (
     WeightFormat,
     elements_per_group,
     qparam_bytes,
+    two_per_byte_problem,
     two_per_byte_unpacked,
 )
 from qatfx.spec import QuantSpec
@@ -60,6 +61,9 @@ class Int4ZeroPointPacked(WeightFormat):
 
     def accepts(self, spec: QuantSpec) -> bool:
         return spec.bits == 4 and not spec.symmetric
+
+    def layout_problem(self, spec, k):
+        return two_per_byte_problem(self, spec, k)
 
     def pack(self, q, scale, zero, spec):
         tile = elements_per_group(spec.group_size, q.shape[-1])

@@ -127,3 +127,15 @@ def test_every_format_traces_its_decomposition_pattern():
         assert len(pattern) == len(fmt.parts) and math[: len(pattern)] == pattern
         out = fmt.decompose_pattern(*fmt.example_parts())
         assert out.shape[-1] == 64 and out.dtype == torch.float32
+
+
+def test_the_format_says_which_shapes_it_cannot_store():
+    """Two codes per byte need an even K; one code per byte takes any K. The quantizer skips
+    the layer with the format's reason instead of failing in convert."""
+    model = nn.Sequential(nn.Linear(63, 64, bias=False), nn.ReLU(), nn.Linear(64, 64, bias=False))
+    x = torch.randn(3, 63)
+    int4 = qatfx.summary(qatfx.prepare_pt2e(model, qatfx.Quantizer(ACT, SPECS["int4 per-channel"]), (x,)))
+    assert [r.layer for r in int4.skipped] == ["0"]
+    assert "in_features 63 is odd; the int4_packed format stores two int4 codes per byte" in int4.skipped[0].skip_reason
+    int8 = qatfx.summary(qatfx.prepare_pt2e(model, qatfx.Quantizer(ACT, SPECS["int8 per-channel"]), (x,)))
+    assert not int8.skipped
