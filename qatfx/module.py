@@ -45,6 +45,7 @@ class QATGraphModule(torch.fx.GraphModule):
 
     def __deepcopy__(self, memo):
         res = _deepcopy_graph_module(super().__deepcopy__, memo)
+        _keep_non_persistent_buffers(self, res)
         for attr in self._QATFX_ATTRS:
             setattr(res, attr, copy.deepcopy(getattr(self, attr, None), memo))
         res.training = self.training
@@ -56,9 +57,11 @@ def copy_sharing_tensors(gm: torch.fx.GraphModule) -> QATGraphModule:
     tensors as `gm` (no memory copy; `gm` itself is left untouched)."""
     memo = {id(t): t for t in (*gm.parameters(), *gm.buffers())}
     copied = _deepcopy_graph_module(lambda m: copy.deepcopy(gm, m), memo)
+    _keep_non_persistent_buffers(gm, copied)  # GraphModule's deepcopy rebuilds the module without them
     if isinstance(copied, QATGraphModule):
         return copied
     module = QATGraphModule(copied, copied.graph)
+    _keep_non_persistent_buffers(gm, module)
     for attr in ("_in_spec", "_out_spec"):
         if hasattr(copied, attr):
             setattr(module, attr, getattr(copied, attr))
@@ -71,3 +74,17 @@ def copy_sharing_tensors(gm: torch.fx.GraphModule) -> QATGraphModule:
     for sub in module.modules():
         sub.training = module.training
     return module
+
+
+def _keep_non_persistent_buffers(source: torch.nn.Module, target: torch.nn.Module) -> None:
+    """GraphModule's constructor (deepcopy too) re-registers the buffers it copies as
+    persistent; a buffer
+    the model registered with persistent=False (a RoPE table) must stay out of state_dict,
+    or a float checkpoint no longer loads with strict=True."""
+    for path, submodule in source.named_modules():
+        names = getattr(submodule, "_non_persistent_buffers_set", ())
+        if not names:
+            continue
+        owner = target.get_submodule(path)
+        owner._non_persistent_buffers_set.update(n for n in names if n in owner._buffers)
+

@@ -118,6 +118,21 @@ def test_family(family):
     _state_dict_round_trip(converted, qatfx.convert_pt2e(twin.eval()), vocab)
 
 
+@pytest.mark.parametrize("family", DEFAULT)
+def test_float_and_prepared_checkpoints_load_into_each_other_strictly(family):
+    """The prepared state_dict has exactly the float model's keys: a buffer the model keeps
+    out of its state_dict (persistent=False: RoPE tables, HF's inv_freq, torchtune's RoPE
+    cache) stays out, so checkpoints move both ways with strict=True."""
+    model, vocab = family.build()
+    prepared = qatfx.prepare_pt2e(model, Q(GROUP), (tokens(2, 8, vocab, 0),))
+    assert prepared.state_dict().keys() == model.state_dict().keys()
+    twin, _ = family.build()  # other random weights
+    twin.load_state_dict(prepared.state_dict(), strict=True)
+    prepared.load_state_dict(twin.state_dict(), strict=True)
+    for name, value in prepared.state_dict().items():
+        assert torch.equal(value, model.state_dict()[name])
+
+
 @pytest.mark.long
 @pytest.mark.parametrize("family", ALL)
 def test_family_compiled_training_and_save_load(family, tmp_path):
