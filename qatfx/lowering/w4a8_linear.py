@@ -20,7 +20,7 @@ the dequantized operands and of the intermediate results, which is the expected 
 of any integer kernel.
 
 It is a `torch.library.triton_op`: torch.compile and torch.export see through it when it
-is called in user code (the kernel is launched through `wrap_triton`). The lowering pass
+is called in user code (while traced, the kernel is launched through `wrap_triton`). The lowering pass
 inserts it after AOT autograd, where Inductor calls it as an extern kernel.
 """
 

@@ -344,15 +344,27 @@ def _check_arguments(x_q, x_scale, x_zero, w_packed, w_scales, w_group_sums, bia
              f"all tensors must be on x_q's device {x_q.device}; move them with .to(x_q.device)")
 
 
-def _launcher(kernel, device: torch.device):
-    """GPU: through wrap_triton, so a triton_op around this launcher is traceable and Inductor
-    emits the kernel. CPU (interpreter only): direct; torch <= 2.12 cannot wrap_triton with
-    CPU tensors."""
-    if device.type == "cpu":
-        if not _INTERPRETING:
-            raise RuntimeError(
-                "w4a8_gemm: Triton kernels need a GPU; for CPU tensors call w4a8_gemm_reference, "
-                "or set TRITON_INTERPRET=1 before importing qatfx to run the kernel interpreted")
+def is_tracing(tensor: torch.Tensor) -> bool:
+    """Whether torch is tracing this call (Dynamo, or make_fx / Inductor with fake tensors)
+    rather than running it."""
+    from torch._guards import detect_fake_mode
+    from torch.fx.experimental.proxy_tensor import get_proxy_mode
+
+    return torch.compiler.is_compiling() or get_proxy_mode() is not None or detect_fake_mode((tensor,)) is not None
+
+
+def _launcher(kernel, device: torch.device, tracing: bool):
+    """While torch traces (`qatfx::w4a8_linear` under torch.compile / export): through
+    wrap_triton, so the trace holds the kernel and Inductor emits it. Otherwise the autotuned
+    kernel itself: called eagerly, wrap_triton re-prunes the autotuner's configs into a new
+    autotuner on every call (torch 2.13, triton_kernel_wrap.py), which re-benchmarks each
+    call, grows the kernel side table and breaks CUDA-graph capture. CPU: the interpreter
+    only; torch <= 2.12 cannot wrap_triton with CPU tensors."""
+    if device.type == "cpu" and not _INTERPRETING:
+        raise RuntimeError(
+            "w4a8_gemm: Triton kernels need a GPU; for CPU tensors call w4a8_gemm_reference, "
+            "or set TRITON_INTERPRET=1 before importing qatfx to run the kernel interpreted")
+    if device.type == "cpu" or not tracing:
         return kernel
     return torch.library.wrap_triton(kernel)
 
@@ -386,7 +398,8 @@ def w4a8_gemm(
     def grid(meta: dict) -> tuple[int, int]:
         return triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), plan.split_k
 
-    _launcher(gemm, device)[grid](
+    tracing = is_tracing(x_q)
+    _launcher(gemm, device, tracing)[grid](
         x_q, x_scale, x_zero, w_packed, w_scales, w_group_sums, bias, residual, target,
         m, n, k, triton.next_power_of_2(m), plan.groups_per_split,
         x_q.stride(0), w_packed.stride(0), w_scales.stride(0),
@@ -397,7 +410,7 @@ def w4a8_gemm(
     if plan.split_k > 1:
         block_m = min(16, triton.next_power_of_2(m))
         reduce_grid = (triton.cdiv(m, block_m), triton.cdiv(n, _REDUCE_BLOCK_N))
-        _launcher(_w4a8_split_k_reduce_kernel, device)[reduce_grid](
+        _launcher(_w4a8_split_k_reduce_kernel, device, tracing)[reduce_grid](
             target, x_scale, bias, residual, out,
             m, n, 0 if residual is None else residual.stride(0), out.stride(0),
             SPLIT_K=plan.split_k, **flags, BLOCK_M=block_m, BLOCK_N=_REDUCE_BLOCK_N,

@@ -273,3 +273,25 @@ def test_cpu_without_interpreter_points_to_the_reference(monkeypatch):
     cpu_args = tuple(t.cpu() for t in Problem(2, 40, 64, 32).args())
     with pytest.raises(RuntimeError, match="w4a8_gemm_reference"):
         w4a8_gemm(*cpu_args, group_size=32)
+
+
+def test_direct_calls_launch_the_autotuned_kernel_and_only_a_trace_wraps_it(monkeypatch):
+    """Called eagerly on a GPU, the launcher is the autotuner itself (Triton caches its
+    choice per shape); torch.library.wrap_triton would re-prune the configs into a new
+    autotuner on every call. Only while torch traces (fake tensors) does the call go
+    through wrap_triton, so the traced graph holds the kernel."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    wrapped = []
+    monkeypatch.setattr(torch.library, "wrap_triton", lambda k: wrapped.append(k) or ("wrapped", k))
+    kernel, cuda = gemm_module._small_m_gemm, torch.device("cuda")
+    real = torch.zeros(2, 2)
+    assert not gemm_module.is_tracing(real)
+    assert gemm_module._launcher(kernel, cuda, gemm_module.is_tracing(real)) is kernel
+    assert gemm_module._launcher(kernel, cuda, gemm_module.is_tracing(real)) is kernel
+    assert wrapped == []
+    with FakeTensorMode() as mode:
+        fake = mode.from_tensor(real)
+        assert gemm_module.is_tracing(fake)
+        assert gemm_module._launcher(kernel, cuda, gemm_module.is_tracing(fake)) == ("wrapped", kernel)
+    assert wrapped == [kernel]
