@@ -57,7 +57,8 @@ class WeightFormat(abc.ABC):
 
     @abc.abstractmethod
     def example_parts(self) -> list[torch.Tensor]:
-        """Parts of a small (16, 64) weight, group size 32, to trace lowering patterns."""
+        """Small parts (K = 64, group size 32) of the dtypes and ranks convert stores, to
+        trace the lowering patterns with."""
 
     # The lowering rule, as two static methods (plain functions: Inductor traces them, and
     # binds the pattern's arguments to the replacement's by name, one per part):
