@@ -23,13 +23,25 @@ def _pct(value: float, reference: float) -> str:
     return f"{100 * (value / reference - 1):+.2f}%"
 
 
+# A share recovered is only printed where PTQ's loss stands out of the seed-to-seed spread of
+# fine-tuning: below NOISE_SIGMAS sample standard deviations it says "within noise".
+NOISE_SIGMAS = 3
+
+
 def _recovered_cell(row) -> str:
     shares = [recovered(c, p, q) for c, p, q in zip(row.control_ppl, row.ptq_ppl, row.qat_ppl)]
     known = [s for s in shares if s is not None]
     if not known:
         return "n/a (PTQ lost nothing)"
     mean, spread = mean_and_spread(known)
-    text = f"{100 * mean:.0f}%" if len(known) == 1 else f"{100 * mean:.0f}% ± {100 * spread:.0f}%"
+    if len(shares) == 1:
+        return f"{100 * mean:.0f}% (1 seed: spread unknown, run --seeds 3)"
+    # The seed spread of a fine-tuned model's perplexity: the control's or QAT's, the larger.
+    noise = max(mean_and_spread(row.control_ppl)[1], mean_and_spread(row.qat_ppl)[1])
+    ptq_loss = mean_and_spread(row.ptq_ppl)[0] - mean_and_spread(row.control_ppl)[0]
+    if ptq_loss < NOISE_SIGMAS * noise:
+        return f"within noise (PTQ loss {ptq_loss:.4f} < {NOISE_SIGMAS} x seed std {noise:.4f})"
+    text = f"{100 * mean:.0f}% ± {100 * spread:.0f}%"
     return text if len(known) == len(shares) else f"{text} ({len(known)}/{len(shares)} seeds)"
 
 
@@ -61,7 +73,8 @@ def markdown_report(result: DemoResult) -> str:
         "- perplexity: exp(mean next-token NLL) on the held-out test split; lower is better",
         "- float control: the float model fine-tuned for the same extra steps as QAT;",
         "  PTQ: that control converted directly; QAT: the float model fine-tuned with fake-quant, then converted",
-        "- QAT recovers: (PTQ - QAT) / (PTQ - control), per seed, then averaged",
+        "- QAT recovers: (PTQ - QAT) / (PTQ - control), per seed, then averaged; \"within noise\" where PTQ's "
+        f"loss is under {NOISE_SIGMAS} seed standard deviations of the fine-tuned perplexity (one seed: the spread is unknown)",
         "- the converted QAT model's perplexity equals the fake-quant model's on every row (checked)",
         "- bytes: the converted model's tensors (packed int4 two per byte with fp32 scales; int3 codes are kept one per "
         "byte, qatfx packs only int4; embeddings and norms stay float)",
