@@ -20,6 +20,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from qatfx.instrument import trace
+from qatfx.instrument.dumping import PassRecording
 from qatfx.instrument.settings import resolve_dump_dir
 from qatfx.instrument.text import format_graph
 
@@ -67,8 +68,6 @@ class _Stage:
         self.nodes = len(rec.graph.nodes)
         self.recording = None
         if rec.directory is not None:
-            from qatfx.instrument.dumping import PassRecording
-
             self.recording = PassRecording(
                 rec.directory, f"inductor_{self.name}", rec.graph, title=self.name,
                 graph_kind="Inductor post-grad", run_by=f"torch.compile [{rec.compile_id}]", origin=ORIGIN,

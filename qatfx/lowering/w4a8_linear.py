@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from qatfx import reference
 from qatfx.formats import format_named
 from qatfx.formats.base import elements_per_group
-from qatfx.lowering.epilogue import ACTIVATIONS, activation
+from qatfx.lowering.epilogue import activation
 from qatfx.spec import ROW
 
 # The weight format the kernel reads: convert writes it for symmetric int4 specs.

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from qatfx import reference
-from qatfx.lowering.w4a8_linear import ACTIVATIONS, apply_activation, triton_w4a8_linear
+from qatfx.lowering.epilogue import ACTIVATIONS
+from qatfx.lowering.w4a8_linear import apply_activation, triton_w4a8_linear
 
 EPS = torch.finfo(torch.float32).eps
 w4a8_linear = torch.ops.qatfx.w4a8_linear.default
