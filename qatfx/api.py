@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
 import torch.fx
 
-from qatfx.capture import capture
+from qatfx.capture import CaptureError, capture
 from qatfx.graph.meta import CONVERTED, PREPARED
-from qatfx.instrument.settings import resolve_dump_dir
-from qatfx.module import QATGraphModule, copy_sharing_tensors
+from qatfx.graph.regions import graph_regions, is_regional, model_stage
+from qatfx.module import QATGraphModule, copy_model_sharing_tensors, copy_sharing_tensors
 from qatfx.passes.annotate import annotate_pass
 from qatfx.passes.convert import convert
 from qatfx.passes.fake_quant_toggle import set_fake_quant_enabled
@@ -20,7 +21,8 @@ from qatfx.passes.finite_check import check_finite_requested, insert_finite_chec
 from qatfx.passes.infra import run_pass
 from qatfx.passes.insert_fake_quant import fake_quant_nodes, insert_fake_quant
 from qatfx.quantizer import Quantizer
-from qatfx.summary import layer_reports
+from qatfx.region_capture import Regions, plan_regions, replace_module
+from qatfx.summary import layer_reports, outside_report, summary
 
 log = logging.getLogger("qatfx")
 
@@ -33,11 +35,12 @@ def prepare_pt2e(
     example_inputs: Optional[tuple] = None,
     *,
     example_kwargs: Optional[dict] = None,
+    regions: Optional[Regions] = None,
     dynamic_shapes: Any = None,
     strict: bool = False,
     dump_dir: PathLike = None,
     check_finite: Optional[bool] = None,
-) -> QATGraphModule:
+) -> torch.nn.Module:
     """Capture `model` with torch.export and insert fake-quant around its linear layers.
 
     model: an nn.Module (exported here with `example_inputs`; every input dim is
@@ -45,49 +48,107 @@ def prepare_pt2e(
         `ep.module()`. It is not modified; the prepared module shares its parameter tensors
         (training updates them in place, as torchao's QAT does; deepcopy the model first to
         keep a float copy).
-    dump_dir: write each pass's graph before/after here (or set QATFX_DUMP_DIR).
+    regions: None (default) captures the whole model as one graph and returns a
+        QATGraphModule. "auto" (or a list of module names) captures each region separately
+        and returns a copy of the user's model object, of its class and with its methods
+        (generate, save_pretrained) and parameter names, whose regions are prepared graphs:
+        by default every repeated block (decoder layers) and every linear outside them
+        (lm_head); see qatfx/region_capture.py. Both compute the same numbers exactly.
+    dump_dir: write each pass's graph before/after here (or set QATFX_DUMP_DIR); with
+        regions, one subfolder per region.
     check_finite: warn (NonFiniteWarning, naming the layers) whenever a linear input holds
         NaN/inf at run time; costs a copy of each linear input, so off by default (None
         reads QATFX_CHECK_FINITE=1). Non-finite weights are always reported, at prepare
         and at convert.
 
-    Returns a QATGraphModule in the model's train/eval mode; `qatfx.summary(m)` lists
-    quantized and skipped layers.
+    `qatfx.summary(m)` lists quantized and skipped layers; the result is in the model's
+    train/eval mode.
     """
     if not isinstance(quantizer, Quantizer):
         raise TypeError(f"quantizer must be a qatfx Quantizer, got {type(quantizer).__name__}")
-    exported = capture(model, example_inputs, example_kwargs=example_kwargs, dynamic_shapes=dynamic_shapes, strict=strict)
-    gm = copy_sharing_tensors(exported)
-    gm.qatfx_dump_dir = None if dump_dir is None else str(dump_dir)
-    dump_dir = resolve_dump_dir(dump_dir)  # once: every pass of this call dumps to the same folder
-    if isinstance(model, torch.nn.Module) and not isinstance(model, torch.fx.GraphModule):
-        gm.train(model.training)
+    if regions is not None:
+        prepared = _prepare_regions(model, quantizer, example_inputs, example_kwargs or {}, regions, strict, dump_dir, check_finite)
+        layers = summary(prepared).layers
+    else:
+        exported = capture(model, example_inputs, example_kwargs=example_kwargs, dynamic_shapes=dynamic_shapes, strict=strict)
+        prepared = copy_sharing_tensors(exported)
+        prepared.qatfx_dump_dir = None if dump_dir is None else str(dump_dir)
+        if isinstance(model, torch.nn.Module) and not isinstance(model, torch.fx.GraphModule):
+            prepared.train(model.training)
+        layers = _prepare_graph(prepared, quantizer, prepared.dump_folder(), check_finite)
+    for report in layers:
+        if not report.quantized:
+            log.warning("qatfx: layer %s left in float: %s", report.layer, report.skip_reason)
+    log.info("qatfx: prepared %d linear layers with %r", sum(r.quantized for r in layers), quantizer)
+    return prepared
 
+
+def _prepare_graph(gm: QATGraphModule, quantizer: Quantizer, dump_dir: Optional[Path], check_finite: Optional[bool]) -> list:
+    """The prepare passes on one captured graph; returns its layer reports."""
     run_pass(gm, "annotate", annotate_pass(quantizer), dump_dir=dump_dir)
     gm.qatfx_layers = layer_reports(gm)
-    if not any(r.quantized for r in gm.qatfx_layers):
-        reasons = "; ".join(f"{r.layer}: {r.skip_reason}" for r in gm.qatfx_layers)
-        raise ValueError(
-            f"{quantizer!r} found nothing to quantize: "
-            + (f"every linear layer was skipped ({reasons})" if reasons else "the model has no linear layers (aten.linear, or matmul/addmm with a parameter)")
-        )
+    if not any(r.quantized for r in gm.qatfx_layers) and not gm.qatfx_region:
+        raise ValueError(_nothing_to_quantize(quantizer, gm.qatfx_layers))
     warn_non_finite_weights(gm, "prepare_pt2e")
     run_pass(gm, "insert_fake_quant", insert_fake_quant, dump_dir=dump_dir)
     if check_finite_requested(check_finite):
         run_pass(gm, "check_finite", insert_finite_checks, dump_dir=dump_dir)
     gm.qatfx_stage = PREPARED
-    for report in gm.qatfx_layers:
-        if not report.quantized:
-            log.warning("qatfx: layer %s left in float: %s", report.layer, report.skip_reason)
-    log.info("qatfx: prepared %d linear layers with %r", sum(r.quantized for r in gm.qatfx_layers), quantizer)
-    return gm
+    return gm.qatfx_layers
+
+
+def _nothing_to_quantize(quantizer: Quantizer, layers: list) -> str:
+    reasons = "; ".join(f"{r.layer}: {r.skip_reason}" for r in layers)
+    return f"{quantizer!r} found nothing to quantize: " + (
+        f"every linear layer was skipped ({reasons})" if reasons
+        else "the model has no linear layers (aten.linear, or matmul/addmm with a parameter)"
+    )
+
+
+def _prepare_regions(
+    model: Any, quantizer: Quantizer, args: Optional[tuple], kwargs: dict, regions: Regions, strict: bool,
+    dump_dir: PathLike, check_finite: Optional[bool],
+) -> torch.nn.Module:
+    """A copy of `model` (sharing its tensors) whose regions are prepared graphs."""
+    if not isinstance(model, torch.nn.Module) or isinstance(model, torch.fx.GraphModule):
+        raise TypeError(
+            f"regions= needs the nn.Module itself (got {type(model).__name__}): region capture keeps the model "
+            "object and exports its parts; pass regions=None to prepare an ExportedProgram or GraphModule"
+        )
+    if args is None:
+        raise ValueError("prepare_pt2e(model, quantizer, example_inputs, regions=...): example_inputs are required")
+    args = args if isinstance(args, tuple) else (args,)
+    calls, outside = plan_regions(model, regions, args, kwargs)
+    prepared = copy_model_sharing_tensors(model)
+    prepared.qatfx_outside_layers = [outside_report(o, type(model).__name__) for o in outside]
+    layers = list(prepared.qatfx_outside_layers)
+    for path, call in calls.items():
+        region = prepared.get_submodule(path)
+        try:
+            exported = capture(region, call.args, example_kwargs=call.kwargs, strict=strict, warn_size_one=False)
+        except CaptureError as exc:
+            raise CaptureError(
+                f"region {path!r} ({type(region).__name__}) could not be captured; name smaller regions with "
+                f"regions=[...] or capture the whole model with regions=None.\n{exc}"
+            ) from exc
+        gm = copy_sharing_tensors(exported)
+        gm.qatfx_region = path
+        gm.keep_methods_of(region)
+        gm.qatfx_dump_dir = None if dump_dir is None else str(Path(dump_dir) / path)
+        gm.train(region.training)
+        layers += _prepare_graph(gm, quantizer, gm.dump_folder(), check_finite)
+        replace_module(prepared, path, gm)
+    if not any(r.quantized for r in layers):
+        raise ValueError(_nothing_to_quantize(quantizer, layers))
+    log.info("qatfx: captured %d regions of %s: %s", len(calls), type(model).__name__, ", ".join(calls))
+    return prepared
 
 
 prepare_qat_pt2e = prepare_pt2e  # torchao's name
 
 
 def _require_stage(module: Any, stage: str, action: str) -> None:
-    current = getattr(module, "qatfx_stage", None)
+    current = model_stage(module)
     if current != stage:
         hint = {
             None: "it is not a qatfx module; call qatfx.prepare_pt2e(model, quantizer, example_inputs) first",
@@ -96,15 +157,21 @@ def _require_stage(module: Any, stage: str, action: str) -> None:
         raise ValueError(f"{action} needs a module returned by prepare_pt2e: {hint}")
 
 
-def convert_pt2e(prepared: QATGraphModule, *, dump_dir: PathLike = None) -> QATGraphModule:
+def convert_pt2e(prepared: torch.nn.Module, *, dump_dir: PathLike = None) -> torch.nn.Module:
     """Rewrite every fake-quant into quantize/dequantize ops with quantized (packed int4)
-    weights computed from the current parameters. Returns a new module whose output equals
-    `prepared`'s exactly; `prepared` is left as it was."""
+    weights computed from the current parameters. Returns a new module (of the model's class
+    for a region capture) whose output equals `prepared`'s exactly; `prepared` is left as it was."""
     _require_stage(prepared, PREPARED, "convert_pt2e")
-    gm = copy_sharing_tensors(prepared)
-    run_pass(gm, "convert", convert, dump_dir=resolve_dump_dir(dump_dir if dump_dir is not None else prepared.qatfx_dump_dir))
-    gm.qatfx_stage = CONVERTED
-    return gm
+    if is_regional(prepared):
+        converted = copy_model_sharing_tensors(prepared)
+        regions = graph_regions(converted)
+    else:
+        converted = copy_sharing_tensors(prepared)
+        regions = [("", converted)]
+    for _, gm in regions:
+        run_pass(gm, "convert", convert, dump_dir=gm.dump_folder(dump_dir))
+        gm.qatfx_stage = CONVERTED
+    return converted
 
 
 def _unwrap_compiled(module: Any) -> Any:
@@ -116,7 +183,8 @@ def _set_fake_quant(module: Any, enabled: bool) -> None:
     target = _unwrap_compiled(module)
     _require_stage(target, PREPARED, "enable_fake_quant / disable_fake_quant")
     name = "enable_fake_quant" if enabled else "disable_fake_quant"
-    run_pass(target, name, set_fake_quant_enabled(enabled), dump_dir=resolve_dump_dir(target.qatfx_dump_dir))
+    for _, gm in graph_regions(target):
+        run_pass(gm, name, set_fake_quant_enabled(enabled), dump_dir=gm.dump_folder())
 
 
 def disable_fake_quant(module: Any) -> None:
@@ -129,7 +197,7 @@ def enable_fake_quant(module: Any) -> None:
 
 
 def fake_quant_enabled(module: Any) -> bool:
-    return any(n.kwargs.get("enabled", True) for n in fake_quant_nodes(_unwrap_compiled(module)))
+    return any(n.kwargs.get("enabled", True) for _, gm in graph_regions(module) for n in fake_quant_nodes(gm))
 
 
 class FakeQuantAfterNSteps:

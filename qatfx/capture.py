@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import re
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.fx
@@ -24,14 +25,16 @@ class CaptureError(RuntimeError):
     The exporter's own exception is chained as `__cause__`."""
 
 
-def automatic_dynamic_shapes(model: torch.nn.Module, args: tuple, kwargs: dict):
+def automatic_dynamic_shapes(model: torch.nn.Module, args: tuple, kwargs: dict, *, warn_size_one: bool = True):
     """Every dim of every tensor input is Dim.AUTO: batch and sequence length stay dynamic
-    unless the model pins them (hidden sizes get specialized without error)."""
+    unless the model pins them (hidden sizes get specialized without error). The warning
+    about size-1 dims is for the user's own example inputs; a region's inputs come from the
+    model (a RoPE table broadcast over batch) and are fixed on purpose."""
 
     def spec(value):
         if not isinstance(value, torch.Tensor):
             return None
-        if 1 in value.shape:
+        if 1 in value.shape and warn_size_one:
             log.warning(
                 "qatfx: an example input of shape %s has a dim of size 1; torch.export fixes "
                 "size-1 dims, so that dim will not accept other sizes. Use example inputs with "
@@ -51,6 +54,36 @@ def by_parameter_name(model: torch.nn.Module, args, kwargs, spec_args, spec_kwar
     names = signature.bind(*args, **kwargs).arguments
     shapes = signature.bind(*spec_args, **spec_kwargs).arguments
     return {name: shapes[name] for name in names}
+
+
+@contextlib.contextmanager
+def explicit_keywords(model: torch.nn.Module, kwargs: dict) -> Iterator[None]:
+    """Within the block, `model.forward` names the keyword arguments it gets through
+    `**kwargs` as keyword-only parameters. torch.export (2.11 to 2.13) lists such arguments
+    twice when it matches dynamic shapes (once under the `**kwargs` name, once by their own
+    names) and fails with "Must provide a tree_name"; a torchtune or GPT-2 decoder block is
+    called that way."""
+    forward = model.forward
+    try:
+        signature = inspect.signature(forward)
+    except (TypeError, ValueError):
+        signature = None
+    params = list(signature.parameters.values()) if signature else []
+    if not params or params[-1].kind is not inspect.Parameter.VAR_KEYWORD:
+        yield
+        return
+    named = {p.name for p in params}
+    extra = [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=None) for k in kwargs if k not in named]
+
+    def call(*args, **kw):
+        return forward(*args, **kw)
+
+    call.__signature__ = signature.replace(parameters=params[:-1] + extra)
+    model.forward = call
+    try:
+        yield
+    finally:
+        del model.forward
 
 
 def unviewed(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -226,6 +259,7 @@ def capture(
     example_kwargs: Optional[dict] = None,
     dynamic_shapes: Any = None,
     strict: bool = False,
+    warn_size_one: bool = True,
 ) -> torch.fx.GraphModule:
     """An exported GraphModule for an nn.Module (exported here), an ExportedProgram, or the
     GraphModule of `ep.module()`."""
@@ -242,10 +276,11 @@ def capture(
         if not isinstance(example_inputs, tuple):
             example_inputs = (example_inputs,)
         example_inputs, kwargs = unviewed(example_inputs, example_kwargs or {})
-        if dynamic_shapes is None:
-            dynamic_shapes = automatic_dynamic_shapes(model, example_inputs, kwargs)
         try:
-            ep = torch.export.export(model, example_inputs, kwargs, dynamic_shapes=dynamic_shapes, strict=strict)
+            with explicit_keywords(model, kwargs):
+                if dynamic_shapes is None:
+                    dynamic_shapes = automatic_dynamic_shapes(model, example_inputs, kwargs, warn_size_one=warn_size_one)
+                ep = torch.export.export(model, example_inputs, kwargs, dynamic_shapes=dynamic_shapes, strict=strict)
         except Exception as exc:
             raise export_error(model, exc, strict=strict) from exc
         gm = ep.module()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -30,21 +31,48 @@ def _deepcopy_graph_module(deepcopy, memo):
 
 class QATGraphModule(torch.fx.GraphModule):
     # Attributes carried through deepcopy, beside what GraphModule keeps itself.
-    _QATFX_ATTRS = ("qatfx_stage", "qatfx_layers", "qatfx_dump_dir")
+    _QATFX_ATTRS = ("qatfx_stage", "qatfx_layers", "qatfx_dump_dir", "qatfx_region")
 
     qatfx_stage: str
     qatfx_layers: list
     qatfx_dump_dir: Optional[str]
+    qatfx_region: str  # its path in the user's model ("" for a whole-model capture)
+
+    def dump_folder(self, dump_dir=None) -> Optional[Path]:
+        """Where a pass on this graph dumps: `dump_dir`, else the folder given at prepare,
+        else the current `qatfx.debug.dump` / QATFX_DUMP_DIR folder (resolved now); a region
+        of a model dumps into a subfolder named by its path."""
+        if dump_dir is None and self.qatfx_dump_dir is not None:
+            return Path(self.qatfx_dump_dir)  # chosen at prepare, per region already
+        root = resolve_dump_dir(dump_dir)
+        return root / self.qatfx_region if root is not None and self.qatfx_region else root
 
     def train(self, mode: bool = True) -> "QATGraphModule":
         super().train(mode)
         if graph_training_mode(self.graph) not in (None, mode):
-            dump_dir = resolve_dump_dir(self.qatfx_dump_dir)
-            run_pass(self, "train" if mode else "eval", set_training_mode(mode), dump_dir=dump_dir)
+            run_pass(self, "train" if mode else "eval", set_training_mode(mode), dump_dir=self.dump_folder())
         return self
+
+    def keep_methods_of(self, source: torch.nn.Module) -> None:
+        """Answer calls to `source`'s own methods (not forward) by calling them on `source`:
+        a region stands in for a block whose model calls its methods (torchtune's decoder
+        asks its layers `caches_are_enabled()`). `source` is held, not registered: its
+        tensors are not this module's parameters."""
+        self.__dict__["_qatfx_source"] = source
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            source = self.__dict__.get("_qatfx_source")
+            if source is None or name == "forward" or not callable(getattr(type(source), name, None)):
+                raise
+            return getattr(source, name)
 
     def __deepcopy__(self, memo):
         res = _deepcopy_graph_module(super().__deepcopy__, memo)
+        if "_qatfx_source" in self.__dict__:
+            res.__dict__["_qatfx_source"] = self.__dict__["_qatfx_source"]
         _keep_non_persistent_buffers(self, res)
         for attr in self._QATFX_ATTRS:
             setattr(res, attr, copy.deepcopy(getattr(self, attr, None), memo))
@@ -69,11 +97,19 @@ def copy_sharing_tensors(gm: torch.fx.GraphModule) -> QATGraphModule:
     module.qatfx_stage = CAPTURED
     module.qatfx_layers = []
     module.qatfx_dump_dir = None
+    module.qatfx_region = ""
     mode = graph_training_mode(module.graph)
     module.training = True if mode is None else mode
     for sub in module.modules():
         sub.training = module.training
     return module
+
+
+def copy_model_sharing_tensors(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of any module (its class, attributes and submodules; the qatfx graphs inside
+    it copied as above) sharing every parameter and buffer tensor with `model`."""
+    memo = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    return copy.deepcopy(model, memo)
 
 
 def _keep_non_persistent_buffers(source: torch.nn.Module, target: torch.nn.Module) -> None:

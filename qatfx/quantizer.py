@@ -15,6 +15,7 @@ import torch.fx
 from qatfx.formats import format_for
 from qatfx.graph.linear_sites import LinearSite, find_linear_sites, get_attr_value
 from qatfx.graph.meta import ANNOTATION_KEY
+from qatfx.graph.regions import layer_path, region_of
 from qatfx.spec import (
     PerChannel,
     PerGroup,
@@ -88,14 +89,14 @@ class Quantizer:
         return annotations
 
     def annotate_site(self, gm: torch.fx.GraphModule, site: LinearSite) -> Annotation:
-        layer = site.layer_name
+        layer = model_layer_name(gm, site)
         reason = self.skip_reason(gm, site)
         if reason is not None:
             return SkipAnnotation(layer, reason)
         return LinearAnnotation(layer, self.input_spec, self.weight_spec)
 
     def skip_reason(self, gm: torch.fx.GraphModule, site: LinearSite) -> Optional[str]:
-        layer = site.layer_name
+        layer = model_layer_name(gm, site)  # as named in the model, for skip patterns
         for pattern in self.skip:
             if fnmatch.fnmatchcase(layer, pattern):
                 return f"excluded by the quantizer's skip pattern {pattern!r}"
@@ -119,6 +120,15 @@ class Quantizer:
                 "left in float (qatfx skips rather than pads); choose a group size dividing it"
             )
         return format_for(self.weight_spec).layout_problem(self.weight_spec, k)
+
+
+def model_layer_name(gm: torch.fx.GraphModule, site: LinearSite) -> str:
+    """The layer's name in the user's model; a region that is itself the linear (lm_head)
+    gives its own path."""
+    region = region_of(gm)
+    if not region:
+        return site.layer_name
+    return layer_path(region, site.param_name or site.node.name).removesuffix(".weight")
 
 
 class Int8DynActInt4WeightQuantizer(Quantizer):

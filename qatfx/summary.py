@@ -12,6 +12,7 @@ import torch.fx
 from qatfx.formats import WeightFormat, format_for
 from qatfx.graph.linear_sites import find_linear_sites, get_attr_value
 from qatfx.graph.meta import ANNOTATION_KEY
+from qatfx.graph.regions import graph_regions
 from qatfx.quantizer import LinearAnnotation
 from qatfx.spec import QuantSpec
 
@@ -111,9 +112,26 @@ def layer_reports(gm: torch.fx.GraphModule) -> list[LayerReport]:
     return reports
 
 
+def outside_report(linear, model_class: str) -> LayerReport:
+    """The report of a linear computed outside every region (region_capture.OutsideLinear)."""
+    return LayerReport(
+        layer=linear.weight.removesuffix(".weight"), op=linear.op, shape=linear.shape, weight_dtype=linear.dtype,
+        input_spec=None, weight_spec=None,
+        skip_reason=(
+            f"computed by {model_class}.forward outside every captured region (e.g. a tied output projection); "
+            "capture the whole model (regions=None) or name a module that computes it in regions= to quantize it"
+        ),
+    )
+
+
 def summary(module) -> QuantizationSummary:
-    """The summary of a module returned by prepare_pt2e or convert_pt2e."""
-    layers = getattr(module, "qatfx_layers", None)
+    """The summary of a module returned by prepare_pt2e or convert_pt2e (whole-model or
+    region capture: the layers of every region, in module order)."""
+    regions = graph_regions(module)
+    if regions and regions[0][0]:  # a region capture: the regions' layers and those outside them
+        layers = [*getattr(module, "qatfx_outside_layers", []), *(r for _, gm in regions for r in gm.qatfx_layers)]
+    else:
+        layers = getattr(module, "qatfx_layers", None)
     if layers is None:
         raise TypeError(
             f"{type(module).__name__} was not produced by qatfx.prepare_pt2e / convert_pt2e; "
