@@ -9,6 +9,7 @@ from typing import Any, Optional, Union
 
 import torch
 import torch.fx
+from torch.utils import _pytree as pytree
 
 from qatfx.capture import CaptureError, capture
 from qatfx.graph.meta import CONVERTED, PREPARED
@@ -121,6 +122,8 @@ def _prepare_regions(
     calls, outside = plan_regions(model, regions, args, kwargs)
     prepared = copy_model_sharing_tensors(model)
     prepared.qatfx_outside_layers = [outside_report(o, type(model).__name__) for o in outside]
+    # qatfx.save re-exports the whole model; these are its default example inputs
+    prepared.qatfx_example_inputs = pytree.tree_map(lambda v: v.detach().clone() if isinstance(v, torch.Tensor) else v, (args, kwargs))
     layers = list(prepared.qatfx_outside_layers)
     for path, call in calls.items():
         region = prepared.get_submodule(path)

@@ -32,10 +32,11 @@ from torch.utils import _pytree as pytree
 from qatfx.capture import automatic_dynamic_shapes, by_parameter_name, unviewed
 from qatfx.formats import format_named
 from qatfx.graph.meta import CONVERTED
+from qatfx.graph.regions import is_regional, model_stage
 from qatfx.module import QATGraphModule, copy_sharing_tensors
 from qatfx.quantizer import Quantizer
 from qatfx.spec import PerChannel, PerGroup, PerTensor, PerToken, QuantSpec
-from qatfx.summary import LayerReport
+from qatfx.summary import LayerReport, summary
 
 log = logging.getLogger("qatfx.serialization")
 
@@ -67,16 +68,20 @@ def save(
 ) -> Path:
     """Write `converted` (from convert_pt2e) to the directory `path` (created if needed).
 
-    The model is re-exported with torch.export; by default its example inputs are zeros of
-    the sizes it was captured with and every dim that was dynamic stays dynamic. Pass
-    `example_inputs` / `example_kwargs` / `dynamic_shapes` if that export needs other ones.
-    Returns the directory.
+    The model is re-exported with torch.export, whole: a region capture is saved as one
+    program too (its tensors keep their names in the model), and `load` returns that program
+    as a QATGraphModule. By default the example inputs are zeros of the sizes the model was
+    captured with (a region capture: the example inputs given to prepare_pt2e) and every dim
+    that was dynamic stays dynamic. Pass `example_inputs` / `example_kwargs` /
+    `dynamic_shapes` if that export needs other ones (a Hugging Face model built with
+    use_cache=True: example_kwargs={"use_cache": False}). Returns the directory.
     """
     module = getattr(converted, "_orig_mod", converted)  # a torch.compile wrapper
-    if getattr(module, "qatfx_stage", None) != CONVERTED:
+    stage = model_stage(module)
+    if stage != CONVERTED:
         raise SerializationError(
             "qatfx.save needs a module returned by qatfx.convert_pt2e "
-            f"(got {'a module at stage ' + repr(module.qatfx_stage) if hasattr(module, 'qatfx_stage') else type(module).__name__}); "
+            f"(got {'a module at stage ' + repr(stage) if stage else type(module).__name__}); "
             "to checkpoint a model mid-QAT, save prepared.state_dict() and the optimizer's "
             "state_dict() with torch.save (docs/serialization.md, 'Resume a QAT run')"
         )
@@ -85,6 +90,9 @@ def save(
     # A stale manifest must not vouch for half-written files.
     (directory / MANIFEST_FILE).unlink(missing_ok=True)
 
+    if is_regional(module) and example_inputs is None:  # no placeholders to size inputs from
+        example_inputs, recorded_kwargs = module.qatfx_example_inputs
+        example_kwargs = recorded_kwargs if example_kwargs is None else example_kwargs
     ep = _export(module, example_inputs, example_kwargs, dynamic_shapes)
     tensors = _program_tensors(ep)
     stored, aliases = _dedupe_shared(tensors)
@@ -256,7 +264,7 @@ def _layer_tensors(report: LayerReport, names: set) -> dict[str, str]:
 def _manifest(module: QATGraphModule, tensors: dict[str, torch.Tensor], aliases: dict[str, str]) -> dict:
     layers = []
     schemes = set()
-    for report in module.qatfx_layers:
+    for report in summary(module).layers:
         entry = {
             "name": report.layer,
             "op": report.op,
