@@ -217,7 +217,19 @@ def plan_regions(
     for name in names:
         if name not in calls:
             log.warning("qatfx: region %s was not called by the example inputs; left in float", name)
-    return {name: calls[name] for name in names if name in calls}, outside
+    return {_unwrapped(model, name): calls[name] for name in names if name in calls}, outside
+
+
+def _unwrapped(model: torch.nn.Module, path: str) -> str:
+    """The module to capture for a region: inside an activation-checkpointing wrapper
+    (torch.distributed's CheckpointWrapper, as torchtune applies it before its quantizer's
+    prepare), the wrapped module, so the wrapper keeps checkpointing the prepared graph.
+    It is called with the wrapper's own arguments."""
+    module = model.get_submodule(path)
+    while hasattr(module, "_checkpoint_wrapped_module"):
+        module = module._checkpoint_wrapped_module
+        path += "._checkpoint_wrapped_module"
+    return path
 
 
 def replace_module(model: torch.nn.Module, path: str, new: torch.nn.Module) -> None:
