@@ -17,6 +17,13 @@ graph site to its module). Quantized activations come from running the graph wit
 Given a prepared module, a converted copy is made with `convert_pt2e` and compared too;
 by the numerics contract its outputs equal the fake-quant ones exactly. Neither model is
 modified: the graphs run as eval-mode copies sharing their tensors, all under no_grad.
+
+A region capture (`prepare_pt2e(..., regions="auto")`) is compared graph by graph: one run
+of the float model records what each region is called with (forward pre-hooks at the region
+paths) besides the linears' activations, and each region graph is then run on its region's
+float inputs, with the float model's module at that path as its reference. Rows keep the
+layers' full names. End to end therefore means from the region's input: the error of the
+earlier layers of the same region, not of the regions before it.
 """
 
 from __future__ import annotations
@@ -24,12 +31,14 @@ from __future__ import annotations
 import logging
 import os
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
 import torch.fx
 from torch.fx._pytree import tree_flatten_spec
+from torch.utils import _pytree as pytree
 
 from qatfx.debug.compare_report import (
     CompareReport,
@@ -43,6 +52,7 @@ from qatfx.debug.compare_report import (
 )
 from qatfx.debug.sites import Site, find_sites
 from qatfx.graph.meta import CONVERTED, PREPARED, ROLE_META_KEY, WEIGHT
+from qatfx.graph.regions import graph_regions, is_regional, model_stage
 from qatfx.instrument.dumping import register_report
 from qatfx.instrument.settings import resolve_dump_dir
 from qatfx.module import copy_sharing_tensors
@@ -61,26 +71,66 @@ _LOCAL = {"local": (True, True), "weights_only": (False, True), "activations_onl
 # ---- float model ------------------------------------------------------------------------
 
 
-def _capture_float(model: torch.nn.Module, modules: set, args: tuple) -> dict:
-    """module path -> [(input, output) per call], from forward hooks."""
-    seen = defaultdict(list)
-    if not modules:
-        return seen  # nothing to capture: do not run a model that may not even match
+@dataclass
+class _GraphCall:
+    """One call of a graph during the float run: its arguments (the batch itself for a
+    whole-model graph), and each linear module's float (input, output) per call within it."""
 
-    def hook_for(path):
-        def hook(_module, hook_args, hook_kwargs, output):
-            x = hook_args[0] if hook_args else next(iter(hook_kwargs.values()))
-            seen[path].append((x.detach(), output.detach()))
+    args: tuple
+    kwargs: dict
+    float_io: dict = field(default_factory=lambda: defaultdict(list))  # module path -> [(x, y)]
+
+
+def _capture_float(model: torch.nn.Module, graphs: list["_Graph"], args: tuple) -> dict[str, list[_GraphCall]]:
+    """region path -> the calls of its graph in one run of the float model on `args`, from
+    forward pre-hooks at the region paths and forward hooks on the linear modules."""
+    calls: dict[str, list[_GraphCall]] = {g.region: [] for g in graphs}
+    current: dict[str, _GraphCall] = {}  # region -> its call running now
+    if not graphs[0].region:  # a whole-model graph: its one call is the batch
+        current[""] = _GraphCall(args, {})
+        calls[""].append(current[""])
+        if not graphs[0].modules:
+            return calls  # nothing to capture: do not run a model that may not even match
+
+    def enter(region):
+        def hook(_module, hook_args, hook_kwargs):
+            # cloned: the model may update a block's input in place after the call (x += block(x))
+            call_args, call_kwargs = pytree.tree_map_only(torch.Tensor, lambda t: t.detach().clone(), (hook_args, hook_kwargs))
+            current[region] = _GraphCall(tuple(call_args), dict(call_kwargs))
+            calls[region].append(current[region])
 
         return hook
 
-    handles = [model.get_submodule(p).register_forward_hook(hook_for(p), with_kwargs=True) for p in modules]
+    def leave(region):
+        def hook(_module, _args, _output):
+            current.pop(region, None)
+
+        return hook
+
+    def record(region, path):
+        def hook(_module, hook_args, hook_kwargs, output):
+            call = current.get(region)
+            if call is not None:
+                x = hook_args[0] if hook_args else next(iter(hook_kwargs.values()))
+                call.float_io[path].append((x.detach(), output.detach()))
+
+        return hook
+
+    handles = []
     try:
+        for g in graphs:
+            region_module = model.get_submodule(g.region) if g.region else None
+            if region_module is not None:
+                handles.append(region_module.register_forward_pre_hook(enter(g.region), with_kwargs=True))
+            for path in g.modules:
+                handles.append(model.get_submodule(path).register_forward_hook(record(g.region, path), with_kwargs=True))
+            if region_module is not None:  # after the linears' hooks: a region may be the linear itself
+                handles.append(region_module.register_forward_hook(leave(g.region), always_call=True))
         model(*args)
     finally:
         for handle in handles:
             handle.remove()
-    return seen
+    return calls
 
 
 class _EvalMode:
@@ -175,9 +225,9 @@ def _converted_copy(prepared: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return converted
 
 
-def _flat_inputs(gm: torch.fx.GraphModule, args: tuple) -> list:
+def _flat_inputs(gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> list:
     spec = getattr(gm, "_in_spec", None)
-    return list(tree_flatten_spec((list(args), {}), spec)) if spec is not None else list(args)
+    return list(tree_flatten_spec((list(args), kwargs), spec)) if spec is not None else list(args)
 
 
 def _batches(inputs: Any) -> list[tuple]:
@@ -196,25 +246,64 @@ def _batches(inputs: Any) -> list[tuple]:
 # ---- driver -----------------------------------------------------------------------------
 
 
-def _models(quantized: torch.fx.GraphModule) -> dict:
-    stage = getattr(quantized, "qatfx_stage", None)
+@dataclass
+class _Graph:
+    """One qatfx graph to compare: its path in the model ("" for a whole-model capture), the
+    eval-mode copies to run ("fake_quant", "converted"), and the sites of each."""
+
+    region: str
+    models: dict
+    sites: dict
+
+    @property
+    def rows_sites(self) -> list[Site]:
+        return next(iter(self.sites.values()))
+
+    @property
+    def modules(self) -> set:
+        """Paths of the float modules whose hooks see this graph's linears."""
+        return {s.module for s in self.rows_sites if s.capturable}
+
+
+def _graphs(quantized: torch.nn.Module, float_model: torch.nn.Module) -> list[_Graph]:
+    stage = model_stage(quantized) if isinstance(quantized, torch.nn.Module) else None
     if stage not in (PREPARED, CONVERTED):
         raise TypeError(
             f"compare needs a module returned by qatfx.prepare_pt2e or convert_pt2e, got {type(quantized).__name__}"
             + (f" at stage {stage!r}" if stage else "")
         )
-    if stage == CONVERTED:
-        return {"converted": _eval_copy(quantized)}
-    fake_quant = _eval_copy(quantized)
-    if not any(n.kwargs.get("enabled", True) for n in fake_quant_nodes(fake_quant)):
+    if stage == PREPARED:
+        log.info("qatfx compare: converting a copy of the prepared module to compare it too")
+    graphs = []
+    for region, gm in graph_regions(quantized):
+        models = _graph_models(gm, stage)
+        graphs.append(_Graph(region, models, {name: find_sites(m, float_model, region) for name, m in models.items()}))
+    if stage == PREPARED and not any(n.kwargs.get("enabled", True) for g in graphs for n in fake_quant_nodes(g.models["fake_quant"])):
         log.warning("qatfx compare: fake-quant is disabled in this module; its columns show the float model")
-    log.info("qatfx compare: converting a copy of the prepared module to compare it too")
+    return graphs
+
+
+def _graph_models(gm: torch.fx.GraphModule, stage: str) -> dict:
+    if stage == CONVERTED:
+        return {"converted": _eval_copy(gm)}
+    fake_quant = _eval_copy(gm)
     return {"fake_quant": fake_quant, "converted": _converted_copy(fake_quant)}
+
+
+def _check_regions_exist(float_model: torch.nn.Module, graphs: list[_Graph]) -> None:
+    for g in graphs:
+        try:
+            float_model.get_submodule(g.region)
+        except AttributeError:
+            raise ValueError(
+                f"compare: float_model ({type(float_model).__name__}) has no module {g.region!r}, a region of the "
+                "quantized model whose float inputs compare needs; pass the nn.Module that was prepared"
+            ) from None
 
 
 def compare(
     float_model: torch.nn.Module,
-    quantized: torch.fx.GraphModule,
+    quantized: torch.nn.Module,
     inputs: Union[tuple, list, torch.Tensor],
     *,
     dump_dir: Union[str, os.PathLike, None] = None,
@@ -226,40 +315,55 @@ def compare(
         compare against (the prepared module shares them: after QAT this is the trained
         float model; deepcopy it before training to compare with the starting weights).
     quantized: a module from `prepare_pt2e` (a converted copy is compared too) or
-        `convert_pt2e`; a torch.compile wrapper is unwrapped.
+        `convert_pt2e`, whole-model or region capture; a torch.compile wrapper is unwrapped.
+        For a region capture, each region graph runs on the float model's input of that
+        region, so "end to end" measures from the region's input (a block, or a single
+        linear); a region called several times per batch sums over its calls.
     inputs: one tuple of arguments (like example_inputs), or a list of batches.
     dump_dir: write `compare.html` here (default: $QATFX_DUMP_DIR, if set).
 
-    Holds every linear's float input and output for one batch at a time.
+    Holds every linear's float input and output (and each region's inputs) for one batch
+    at a time.
     """
     float_model = getattr(float_model, "_orig_mod", float_model)
     quantized = getattr(quantized, "_orig_mod", quantized)
     batches = _batches(inputs)
+    regional = is_regional(quantized)
     acc = defaultdict(ErrorAccumulator)  # (model, row key, measure) -> accumulator
     with torch.no_grad():
-        models = _models(quantized)
-        sites = {name: find_sites(gm, float_model) for name, gm in models.items()}
-        rows_sites = next(iter(sites.values()))
-        modules = {s.module for s in rows_sites if s.capturable}
-        if not modules:
+        graphs = _graphs(quantized, float_model)
+        if regional:
+            _check_regions_exist(float_model, graphs)
+        if not any(g.modules for g in graphs):
             log.warning(
                 "qatfx compare: no linear layer of the quantized model was found as a module of float_model "
                 "(%s); pass the nn.Module that was prepared", type(float_model).__name__
             )
         with _EvalMode(float_model):
             for args in batches:
-                float_io = _capture_float(float_model, modules, args)
-                outputs = {}
-                for name, gm in models.items():
-                    interpreter = _SiteInterpreter(gm, sites[name], float_io)
-                    interpreter.run(*_flat_inputs(gm, args))
-                    outputs[name] = interpreter.outputs
-                _accumulate(acc, rows_sites, float_io, outputs)
-    rows = [_row(site, acc, models) for site in rows_sites]
+                calls = _capture_float(float_model, graphs, args)
+                for g in graphs:
+                    if regional and not calls[g.region]:
+                        log.warning("qatfx compare: region %s was not called by these inputs; its rows stay empty", g.region)
+                    for call in calls[g.region]:
+                        _compare_call(g, call, acc)
+    model_names = graphs[0].models
+    rows = [_row(site, acc, model_names) for g in graphs for site in g.rows_sites]
+    rows += [_outside_row(r) for r in getattr(quantized, "qatfx_outside_layers", [])] if regional else []
     rows = mark_outliers([r for _, r in sorted(enumerate(rows), key=lambda p: sort_key(p[1], p[0]))])
-    report = CompareReport(tuple(rows), len(batches), "fake_quant" in models, "converted" in models)
+    report = CompareReport(tuple(rows), len(batches), "fake_quant" in model_names, "converted" in model_names, regional)
     _write_html(report, dump_dir)
     return report
+
+
+def _compare_call(graph: _Graph, call: _GraphCall, acc: dict) -> None:
+    """Run each model of one graph on one call's inputs and add its sites' errors to `acc`."""
+    outputs = {}
+    for name, gm in graph.models.items():
+        interpreter = _SiteInterpreter(gm, graph.sites[name], call.float_io)
+        interpreter.run(*_flat_inputs(gm, call.args, call.kwargs))
+        outputs[name] = interpreter.outputs
+    _accumulate(acc, graph.rows_sites, call.float_io, outputs)
 
 
 def _accumulate(acc: dict, sites: list[Site], float_io: dict, outputs: dict) -> None:
@@ -303,6 +407,15 @@ def _row(site: Site, acc: dict, models: dict) -> CompareRow:
         converted=errors("converted"),
         converted_vs_fake_quant=result("converted", "vs_fake_quant"),
         note="; ".join(notes),
+    )
+
+
+def _outside_row(report: Any) -> CompareRow:
+    """A linear the model computes outside every region (summary's outside layer): float in
+    both models, so there is nothing to compare; listed so the rows match qatfx.summary."""
+    return CompareRow(
+        layer=report.layer, module="", op=report.op, shape=report.shape, scheme="float", quantized=False,
+        fake_quant=None, converted=None, converted_vs_fake_quant=None, note=f"skipped: {report.skip_reason}",
     )
 
 

@@ -71,7 +71,9 @@ class ModelErrors:
     local: the quantized layer applied to the float model's own input of the layer, so it
         measures this layer's quantization alone (activation and weight rounding).
     end_to_end: the layer's output in a full run of the quantized model, so it includes
-        the error every earlier layer passed on.
+        the error every earlier layer passed on; for a region capture, in a run of the
+        layer's region from the float model's input of that region (earlier layers of the
+        same region only).
     """
 
     local: Error
@@ -164,6 +166,17 @@ class CompareReport:
     batches: int
     has_fake_quant: bool
     has_converted: bool
+    regional: bool = False  # a region capture: end to end is from each region's input
+
+    @property
+    def end_to_end_meaning(self) -> str:
+        """What the end-to-end columns measure, for the table's note."""
+        if self.regional:
+            return (
+                "the layer's output when its region (the captured block or linear holding it) runs on the float "
+                "model's input of that region (includes the error of the earlier layers of that region only)."
+            )
+        return "the layer's output in a full quantized run (includes earlier layers' error)."
 
     def worst(self) -> CompareRow:
         return self.rows[0]
@@ -206,6 +219,7 @@ class CompareReport:
         return (
             f"qatfx compare: {len(self.rows)} linear layers, {self.batches} batch(es), {models} model vs float; "
             f"errors of the {self._primary_label} model, worst local SQNR first"
+            + ("; region capture: end to end from each region's input" if self.regional else "")
         )
 
     def to_markdown(self) -> str:
@@ -216,7 +230,7 @@ class CompareReport:
             "",
             "local: the quantized layer on the float model's input of that layer (its own error); "
             "w-only / a-only: the same with only the weights / only the input activations quantized. "
-            "end-to-end: the layer's output in a full quantized run (includes earlier layers' error).",
+            "end-to-end: " + self.end_to_end_meaning,
         ]
         return "\n".join(lines)
 
@@ -245,6 +259,7 @@ class CompareReport:
             header="".join(f"<th>{html.escape(h)}</th>" for h in header),
             rows="\n".join(rows_html),
             outlier_db=OUTLIER_DB,
+            end_to_end=html.escape(self.end_to_end_meaning),
         )
 
 
@@ -265,8 +280,7 @@ p {{ max-width: 60em; }}
 the error this layer's quantization adds by itself. <b>w-only / a-only</b>: the local SQNR
 with only the weights (float input) or only the input activations (float weight) quantized,
 which says whether a smaller weight group size can help; a converted model has no float
-weights left, so it shows only the first. <b>end-to-end</b>: the layer's output in a
-full run of the quantized model, which also carries the error of every layer before it.
+weights left, so it shows only the first. <b>end-to-end</b>: {end_to_end}
 SQNR = 10 log10(sum ref&sup2; / sum (ref &minus; test)&sup2;), in dB against the float model;
 higher is better, 6 dB is one bit. <b>converted vs fake-quant</b> should read "exact".
 Rows in red are more than {outlier_db} dB below the median layer.</p>

@@ -8,6 +8,9 @@ it, and the quantization nodes on the way:
 
     prepared:   x -> fake_quantize -> linear(., fq_w)            fq_w = fake_quantize(w)
     converted:  x -> quantize_dynamic -> getitem x3 -> dequantize -> linear(., dequantize_int4(...))
+
+A region graph (region capture) names its modules from the region down; its sites' module
+paths are prefixed with the region's path, so they name modules of the whole float model.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import torch.fx
 
 from qatfx.graph.linear_sites import SITE_OPERANDS, TRANSPOSES
 from qatfx.graph.meta import ANNOTATION_KEY
+from qatfx.graph.regions import layer_path
 from qatfx.ops import fake_quantize
 from qatfx.quantizer import LinearAnnotation
 
@@ -35,7 +39,7 @@ _WEIGHT_PATH = {fake_quantize, aten.clone.default, *TRANSPOSES}
 class Site:
     node: torch.fx.Node
     key: str  # row name: the layer, "@i" appended for its i-th call
-    module: str  # path of the float module whose hook sees this linear
+    module: str  # path in the float model of the module whose hook sees this linear
     call: int  # which call of `module`, in execution order
     annotation: Any
     raw_input: torch.fx.Node  # the activation before qatfx quantized it
@@ -109,26 +113,35 @@ def _module_path(node: torch.fx.Node) -> str:
     return list(stack.values())[-1][0] if stack else ""
 
 
-def _capturable(model: torch.nn.Module, module: str, layer: str) -> bool:
+def _capturable(model: torch.nn.Module, module: str, module_layer: str, layer: str) -> bool:
     """The hook on `module` sees the linear's own input and output: an nn.Linear, or a leaf
-    module owning the weight (GPT-2's Conv1D). Not a bigger module calling F.linear."""
+    module owning the weight (GPT-2's Conv1D; `module_layer`, the module's path as a layer
+    name, is the layer). Not a bigger module calling F.linear."""
     try:
         sub = model.get_submodule(module)
     except AttributeError:
         return False
     if isinstance(sub, torch.nn.Linear):
         return True
-    return module == layer and next(sub.children(), None) is None
+    return module_layer == layer and next(sub.children(), None) is None
 
 
-def find_sites(gm: torch.fx.GraphModule, float_model: torch.nn.Module) -> list[Site]:
+def _join(region: str, path: str) -> str:
+    return f"{region}.{path}" if region and path else region or path
+
+
+def find_sites(gm: torch.fx.GraphModule, float_model: torch.nn.Module, region: str = "") -> list[Site]:
+    """The sites of `gm`, a whole-model graph of `float_model` or (region capture) the graph
+    standing at path `region` in it."""
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     sites, module_calls, layer_calls = [], defaultdict(int), defaultdict(int)
     for node in gm.graph.nodes:
         annotation = node.meta.get(ANNOTATION_KEY)
         if annotation is None or node.op != "call_function" or node.target not in SITE_OPERANDS:
             continue
-        module, layer = _module_path(node), annotation.layer
+        # layer names of a region graph are full already (the quantizer prefixes them)
+        inner, layer = _module_path(node), annotation.layer
+        module = _join(region, inner)
         raw, chain = _activation_chain(node, order)
         sites.append(
             Site(
@@ -140,7 +153,7 @@ def find_sites(gm: torch.fx.GraphModule, float_model: torch.nn.Module) -> list[S
                 raw_input=raw,
                 activation_chain=chain,
                 weight_chain=_weight_chain(node, order),
-                capturable=_capturable(float_model, module, layer),
+                capturable=_capturable(float_model, module, layer_path(region, inner), layer),
             )
         )
         module_calls[module] += 1
