@@ -239,3 +239,18 @@ class _BranchyModel(torch.nn.Module):
 def test_a_region_that_cannot_be_captured_is_named():
     with pytest.raises(CaptureError, match=r"(?s)region 'layers.0' \(_Branchy\) could not be captured.*data-dependent"):
         qatfx.prepare_pt2e(_BranchyModel(), Q(GROUP), (torch.randn(2, 4, 32),), regions="auto")
+
+
+def test_regions_get_the_attention_mask_and_keyword_inputs_the_model_passes():
+    model, vocab = BY_NAME["hf_llama"].build()
+    ids = tokens(2, 8, vocab, 0)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding: the decoder layers receive a 4-D float mask, not None
+    example = {"attention_mask": mask}
+    regional = qatfx.prepare_pt2e(model, Q(GROUP), (ids,), example_kwargs=example, regions="auto")
+    whole = qatfx.prepare_pt2e(model, Q(GROUP), (ids,), example_kwargs=example)
+    other = tokens(2, 10, vocab, 6)
+    other_mask = torch.ones_like(other)
+    other_mask[1, :4] = 0
+    with torch.no_grad():
+        assert torch.equal(regional(other, attention_mask=other_mask).logits, whole(other, attention_mask=other_mask).logits)
