@@ -56,8 +56,20 @@ class QATGraphModule(torch.fx.GraphModule):
     def keep_methods_of(self, source: torch.nn.Module) -> None:
         """Answer calls to `source`'s own methods (not forward) by calling them on `source`:
         a region stands in for a block whose model calls its methods (torchtune's decoder
-        asks its layers `caches_are_enabled()`). `source` is held, not registered: its
-        tensors are not this module's parameters."""
+        asks its layers `caches_are_enabled()`). `source` is held, not registered, and its
+        submodules are pointed at this graph's own parameter and buffer dicts: it keeps no
+        tensor alive by itself (FSDP2's shards free the full weights) and its methods see
+        what the graph sees (shards, `load_state_dict(assign=True)`)."""
+        for path, module in source.named_modules():
+            try:
+                own = self.get_submodule(path)
+            except AttributeError:
+                continue
+            for name, value in module._parameters.items():
+                if value is None:  # a Linear's bias=None: keep the attribute readable
+                    own._parameters.setdefault(name, None)
+            module._parameters = own._parameters
+            module._buffers = own._buffers
         self.__dict__["_qatfx_source"] = source
 
     def __getattr__(self, name: str):

@@ -1,12 +1,16 @@
-"""QAT of a prepared graph on 2 CPU ranks (gloo) with DDP and FSDP2, started with torchrun
-(examples/distributed_qat.py), against single-process training of the same global batch."""
+"""QAT on 2 CPU ranks (gloo) against single-process training of the same global batch: a
+whole-graph prepared model with DDP and FSDP2, started with torchrun
+(examples/distributed_qat.py), and a region capture (regions="auto") with FSDP2 per decoder
+block, on ranks spawned here."""
 
+import gc
 import importlib.util
 import json
 import os
 import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import pytest
@@ -122,19 +126,19 @@ def _load_example():
     return module
 
 
-example = _load_example()
+distributed_qat = _load_example()
 WORLD = 2
 LR = 3e-3  # the example's default
 
 
 def _toy_model():
     torch.manual_seed(0)  # the same initial weights on every rank and in the reference
-    return example.byte_lm(SEQ).train(), lambda out: out
+    return distributed_qat.byte_lm(SEQ).train(), lambda out: out
 
 
 def _hf_llama_model():
     model, vocab = BY_NAME["hf_llama"].build()  # seeds itself
-    assert vocab == example.VOCAB
+    assert vocab == distributed_qat.VOCAB
     return model.train(), lambda out: out.logits
 
 
@@ -143,7 +147,7 @@ FAMILIES = {"toy": _toy_model, "hf_llama": _hf_llama_model}
 
 def _prepare(family: str, regions):
     model, logits_of = FAMILIES[family]()
-    example_tokens = example.global_batch(0, 2, 8)[:, :-1]
+    example_tokens = distributed_qat.global_batch(0, 2, 8)[:, :-1]
     prepared = qatfx.prepare_pt2e(model, qatfx.Int8DynActInt4WeightQuantizer(32), (example_tokens,), regions=regions)
     return prepared, logits_of
 
@@ -155,10 +159,10 @@ def _train(model, logits_of, rows: slice, parts: int, full_grad, reduce_loss=lam
     opt = torch.optim.AdamW(model.parameters(), lr=LR)
     losses, grads = [], {}
     for step in range(STEPS):
-        batch = example.global_batch(step, BATCH, SEQ)[rows]
+        batch = distributed_qat.global_batch(step, BATCH, SEQ)[rows]
         loss = torch.zeros(())
         for part in batch.chunk(parts):
-            part_loss = example.loss_fn(logits_of(model(part[:, :-1])), part) / parts
+            part_loss = distributed_qat.loss_fn(logits_of(model(part[:, :-1])), part) / parts
             part_loss.backward()
             loss += part_loss.detach()
         if step == 0:
@@ -244,8 +248,8 @@ def _single_process(family: str, regions, parts: int):
 @pytest.mark.parametrize(
     "family",
     [
-        "toy",  # ~25 s on 2 cores: 2 spawned ranks (import, prepare), 3 single-process runs
-        pytest.param("hf_llama", marks=pytest.mark.long),  # transformers' import in each rank, ~45 s
+        "toy",  # ~15 s on 2 cores: 2 spawned ranks (import, prepare, 8 steps), 3 single-process runs
+        pytest.param("hf_llama", marks=pytest.mark.long),  # ~20 s: transformers' import in each rank
     ],
 )
 def test_fsdp2_per_region_matches_single_process_training(tmp_path, family):
@@ -290,3 +294,42 @@ def test_fsdp2_per_region_matches_single_process_training(tmp_path, family):
     assert diffs[0] <= summation_bound(global_batch[0]), diffs
     for step, (d, ref) in enumerate(zip(diffs, global_batch)):
         assert d <= 1e-2 * ref, (step, diffs)
+
+
+def _swap_in_row_shards(model: torch.nn.Module) -> None:
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None:  # rank 0's row shard
+                module._parameters[name] = torch.nn.Parameter(p.detach()[: -(-p.shape[0] // WORLD)].clone())
+
+
+@pytest.mark.parametrize(
+    "regions",
+    [None, "auto"],
+    ids=["whole_graph", "regions"],
+)
+def test_sharding_frees_the_full_parameters(regions):
+    """FSDP2 replaces each parameter of a sharded module by its shard with
+    `module._parameters[name] = shard` (torch's FSDPParam._setattr_on_modules ->
+    unsafe_setattr_param), and each rank saves memory only if nothing else holds the full
+    tensor. Done here on every module without a process group; once the float model is
+    dropped no full parameter may stay alive."""
+    torch.manual_seed(0)
+    model = distributed_qat.byte_lm(SEQ)
+    full = {name: weakref.ref(p) for name, p in model.named_parameters()}
+    prepared = qatfx.prepare_pt2e(model, qatfx.Int8DynActInt4WeightQuantizer(32), (distributed_qat.global_batch(0, 2, 8)[:, :-1],), regions=regions)
+    del model
+    _swap_in_row_shards(prepared)
+    gc.collect()
+    assert [name for name, ref in full.items() if ref() is not None] == []
+
+
+@pytest.mark.long  # ~40 s: three modes, 2 spawned ranks each
+def test_fsdp_memory_benchmark_quick_run_prints_its_table(tmp_path):
+    out = tmp_path / "table.md"
+    bench = REPO / "benchmarks" / "bench_fsdp_memory.py"
+    run = subprocess.run([sys.executable, str(bench), "--quick", "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-6000:]
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| ") and not line.startswith("| mode")]
+    modes = [row.split(" | ")[0].lstrip("| ") for row in rows]
+    assert modes == [m for m in ("whole graph, 1 unit", "regions, per layer") for _ in range(2)], rows
