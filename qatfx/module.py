@@ -16,6 +16,7 @@ import torch
 import torch.fx
 
 from qatfx.graph.meta import CAPTURED
+from qatfx.graph.metadata_asserts import remove_metadata_asserts
 from qatfx.instrument.settings import resolve_dump_dir
 from qatfx.passes.infra import run_pass
 from qatfx.passes.train_eval import graph_training_mode, set_training_mode
@@ -90,6 +91,15 @@ class QATGraphModule(torch.fx.GraphModule):
             setattr(res, attr, copy.deepcopy(getattr(self, attr, None), memo))
         res.training = self.training
         return res
+
+
+def captured_copy(exported: torch.fx.GraphModule) -> QATGraphModule:
+    """The QATGraphModule prepare works on: a copy of the exported graph sharing its tensors,
+    without export's tensor-metadata asserts, which would pin it to the capture device."""
+    gm = copy_sharing_tensors(exported)
+    if remove_metadata_asserts(gm.graph):
+        gm.recompile()
+    return gm
 
 
 def copy_sharing_tensors(gm: torch.fx.GraphModule) -> QATGraphModule:

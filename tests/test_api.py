@@ -271,3 +271,32 @@ def test_linear_with_computed_weight_is_skipped_with_reason():
     prepared = qatfx.prepare_pt2e(Scaled(), Q(32), (torch.randn(2, 64),))
     (skipped,) = qatfx.summary(prepared).skipped
     assert skipped.shape == (16, 64) and "computed in the graph" in skipped.skip_reason
+
+
+class _CastingBlock(torch.nn.Module):
+    """`x.to(dtype)` in forward: torch.export records an `_assert_tensor_metadata` with the
+    capture device."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(32, 32)
+
+    def forward(self, x):
+        return self.proj(x.to(torch.float32)).to(torch.float32)
+
+
+@pytest.mark.parametrize("regions", [None, "auto"])
+def test_prepared_on_one_device_runs_on_another(regions):
+    """Prepared on the meta device (as a model too large for one device is built), then
+    materialized on CPU: the graph keeps no assert of the capture device (the same holds for
+    a model prepared on CPU and moved to a GPU)."""
+    torch.manual_seed(0)
+    real = torch.nn.Sequential(_CastingBlock(), _CastingBlock())
+    with torch.device("meta"):
+        model = torch.nn.Sequential(_CastingBlock(), _CastingBlock())
+    prepared = qatfx.prepare_pt2e(model, qatfx.Int8DynActInt4WeightQuantizer(32), (torch.randn(2, 4, 32, device="meta"),), regions=regions)
+    prepared.to_empty(device="cpu")
+    prepared.load_state_dict(real.state_dict())
+    x = torch.randn(3, 5, 32)
+    reference = qatfx.prepare_pt2e(real, qatfx.Int8DynActInt4WeightQuantizer(32), (torch.randn(2, 4, 32),), regions=regions)
+    assert torch.equal(prepared(x), reference(x))

@@ -34,6 +34,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_file
 
 from qatfx.instrument.lowering import LoweringRecorder
 from qatfx.instrument.settings import resolve_dump_dir
+from qatfx.graph.metadata_asserts import remove_metadata_asserts
 from qatfx.lowering import patterns
 from qatfx.lowering.rewrite import apply_until_fixed_point, build_pass
 from qatfx.ops import dequantize
@@ -77,14 +78,6 @@ def duplicate_shared_dequantize(graph: torch.fx.Graph) -> int:
             user.replace_input_with(node, clone)
             copies += 1
     return copies
-
-
-def remove_metadata_asserts(graph: torch.fx.Graph) -> None:
-    """Drop torch.export's dtype asserts (`x.to(...)` leaves one): a second user of the
-    fused op's output would block the cast epilogue. Inductor removes them later anyway."""
-    for node in list(graph.nodes):
-        if node.target is torch.ops.aten._assert_tensor_metadata.default:
-            graph.erase_node(node)
 
 
 def _is_qatfx_op(target) -> bool:

@@ -60,6 +60,8 @@ def check_finite_requested(check_finite: Optional[bool]) -> bool:
 
 def warn_non_finite_weight(layer: str, weight_n_by_k: torch.Tensor, stage: str) -> int:
     """Warn if the (N, K) weight of `layer` holds NaN/inf; return how many values do."""
+    if weight_n_by_k.is_meta:  # no values yet (a model built on the meta device); convert checks again
+        return 0
     bad = ~torch.isfinite(weight_n_by_k.detach())
     count = int(bad.sum())
     if count:
