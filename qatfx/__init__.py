@@ -24,6 +24,7 @@ from qatfx.quantizer import (
     Int8WeightOnlyQuantizer,
     Quantizer,
 )
+from qatfx.regional_compile import compile_regions
 from qatfx.serialization import SerializationError, load, save
 from qatfx.spec import PerChannel, PerGroup, PerTensor, PerToken, QuantSpec
 from qatfx.summary import QuantizationSummary, summary
@@ -44,6 +45,7 @@ __all__ = [
     "QuantizationSummary",
     "Quantizer",
     "SerializationError",
+    "compile_regions",
     "convert_pt2e",
     "disable_fake_quant",
     "enable_fake_quant",

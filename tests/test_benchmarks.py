@@ -16,6 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
         ("bench_w4a8_gemm.py", ["--quick"], "qatfx fused (incl. act quant)"),
         ("bench_decode.py", [], "qatfx 8da4w"),
         ("bench_qat_step.py", ["--quick"], "qatfx 8da4w, compiled"),
+        # four fresh Inductor compiles, ~2 min on 2 cores: the long run only
+        pytest.param("bench_regional_compile.py", ["--quick"], "regional + compile_regions", marks=pytest.mark.long),
     ],
 )
 def test_cpu_smoke_run_writes_its_table(tmp_path, script, args, expected):
