@@ -34,7 +34,6 @@ import gc
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 import warnings
@@ -53,6 +52,7 @@ from torchao.quantization.qat import Int8DynActInt4WeightQATQuantizer  # noqa: E
 
 import qatfx  # noqa: E402
 from qatfx.recipes.model import CausalLM, LMConfig  # noqa: E402
+from report import device_name, format_table, git_sha  # noqa: E402  (benchmarks/report.py)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GOAL_RATIO = 1.10  # qatfx compiled QAT step / compiled float step
@@ -380,35 +380,6 @@ def measure(variant: Variant, master: nn.Module, cfg: RunConfig, ref: Reference,
 
 
 # ---- reporting -------------------------------------------------------------------------------
-
-
-def git_sha() -> str:
-    def git(*cmd: str) -> str:
-        return subprocess.run(["git", *cmd], cwd=Path(__file__).parent, capture_output=True, text=True, check=True).stdout.strip()
-
-    try:
-        return git("rev-parse", "--short", "HEAD") + ("-dirty" if git("status", "--porcelain") else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    # the load average says whether other processes shared the cores (times and spreads suffer)
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    return (f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-            f"{torch.get_num_threads()} torch threads; load average {load} at the end of the run)")
-
-
-def format_table(rows: list[dict], headers: list[str]) -> str:
-    cells = [[str(r.get(h, "")) for h in headers] for r in rows]
-    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
-
-    def line(values):
-        return "| " + " | ".join(v.ljust(w) for v, w in zip(values, widths)) + " |"
-
-    return "\n".join([line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, cells)])
 
 
 def table_rows(results: dict[str, Measurement], cfg: RunConfig) -> list[dict]:

@@ -35,7 +35,6 @@ import datetime
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -52,6 +51,7 @@ if not torch.cuda.is_available():
 import qatfx  # noqa: E402
 from qatfx.graph.regions import graph_regions  # noqa: E402
 from qatfx.recipes.model import CausalLM, LMConfig  # noqa: E402
+from report import device_name, format_table, git_sha  # noqa: E402  (benchmarks/report.py)
 
 try:
     from torch._inductor.utils import fresh_cache  # torch >= 2.8
@@ -179,34 +179,6 @@ def time_steps(steppers: dict[str, Callable], results: dict[str, Result], args) 
 
 
 # ---- reporting -------------------------------------------------------------------------------
-
-
-def git_sha() -> str:
-    def git(*cmd: str) -> str:
-        return subprocess.run(["git", *cmd], cwd=Path(__file__).parent, capture_output=True, text=True, check=True).stdout.strip()
-
-    try:
-        return git("rev-parse", "--short", "HEAD") + ("-dirty" if git("status", "--porcelain") else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    return (f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-            f"{torch.get_num_threads()} torch threads; load average {load} at the end of the run)")
-
-
-def format_table(rows: list[dict], headers: list[str]) -> str:
-    cells = [[str(r.get(h, "")) for h in headers] for r in rows]
-    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
-
-    def line(values):
-        return "| " + " | ".join(v.ljust(w) for v, w in zip(values, widths)) + " |"
-
-    return "\n".join([line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, cells)])
 
 
 HEADERS = ["configuration", "graphs", "prepare s", "first step s", "first step vs whole", "step ms (median)", "step vs whole", "loss check"]
