@@ -67,6 +67,11 @@ def prepare_pt2e(
     """
     if not isinstance(quantizer, Quantizer):
         raise TypeError(f"quantizer must be a qatfx Quantizer, got {type(quantizer).__name__}")
+    if regions is not None and dynamic_shapes is not None:
+        raise ValueError(
+            "dynamic_shapes= describes the whole model's inputs and applies to whole-model capture (regions=None); "
+            "with regions, every dim of each region's recorded inputs is Dim.AUTO. Drop one of the two"
+        )
     if regions is not None:
         prepared = _prepare_regions(model, quantizer, example_inputs, example_kwargs or {}, regions, strict, dump_dir, check_finite)
         layers = summary(prepared).layers

@@ -14,9 +14,10 @@ linears if need be, so the cache stays outside every captured graph.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
-from typing import Any, Iterable, Union
+from typing import Any, Iterable, Iterator, Union
 
 import torch
 
@@ -149,12 +150,28 @@ def record_calls(
             module = model.get_submodule(name)
             hooks.append(module.register_forward_pre_hook(enter(name), with_kwargs=True))
             hooks.append(module.register_forward_hook(leave, always_call=True))
-        with torch.no_grad(), watcher:
+        with torch.no_grad(), watcher, _side_effects_undone(model):
             model(*args, **kwargs)
     finally:
         for hook in hooks:
             hook.remove()
     return calls, list(watcher.found.values())
+
+
+@contextlib.contextmanager
+def _side_effects_undone(model: torch.nn.Module) -> Iterator[None]:
+    """The recording run leaves the user's state as it was: the random number generators
+    (dropout draws) and the buffers (batch-norm running statistics in train mode)."""
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    cuda = sorted({t.device for t in (*model.parameters(), *model.buffers()) if t.device.type == "cuda"}, key=str)
+    try:
+        with torch.random.fork_rng(devices=cuda):
+            yield
+    finally:
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                if not torch.equal(b, buffers[name]):
+                    b.copy_(buffers[name])
 
 
 def _children_with_linears(model: torch.nn.Module, path: str) -> list[str]:

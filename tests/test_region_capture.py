@@ -254,3 +254,21 @@ def test_regions_get_the_attention_mask_and_keyword_inputs_the_model_passes():
     other_mask[1, :4] = 0
     with torch.no_grad():
         assert torch.equal(regional(other, attention_mask=other_mask).logits, whole(other, attention_mask=other_mask).logits)
+
+
+def test_the_recording_run_changes_no_state_of_the_users():
+    model = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.BatchNorm1d(32), torch.nn.Dropout(0.5), torch.nn.Linear(32, 32)).train()
+    buffers = {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
+    example = (torch.randn(4, 32),)
+    torch.manual_seed(3)
+    expected = torch.rand(4)
+    torch.manual_seed(3)
+    qatfx.prepare_pt2e(model, Q(GROUP), example, regions="auto")
+    assert torch.equal(torch.rand(4), expected)  # dropout's draws during the recording run are undone
+    for name, value in buffers.items():
+        assert torch.equal(model.state_dict()[name], value), name  # batch-norm statistics too
+
+
+def test_dynamic_shapes_with_regions_is_refused():
+    with pytest.raises(ValueError, match="dynamic_shapes= describes the whole model's inputs"):
+        qatfx.prepare_pt2e(TinyLM(), Q(GROUP), (tokens(),), regions="auto", dynamic_shapes={"tokens": None})
