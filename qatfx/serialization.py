@@ -90,10 +90,7 @@ def save(
     # A stale manifest must not vouch for half-written files.
     (directory / MANIFEST_FILE).unlink(missing_ok=True)
 
-    if is_regional(module) and example_inputs is None:  # no placeholders to size inputs from
-        example_inputs, recorded_kwargs = module.qatfx_example_inputs
-        example_kwargs = recorded_kwargs if example_kwargs is None else example_kwargs
-    ep = _export(module, example_inputs, example_kwargs, dynamic_shapes)
+    ep = reexport(module, example_inputs, example_kwargs, dynamic_shapes)
     tensors = _program_tensors(ep)
     stored, aliases = _dedupe_shared(tensors)
     torch.export.save(ep, directory / PROGRAM_FILE)
@@ -106,6 +103,28 @@ def save(
     os.replace(tmp, directory / MANIFEST_FILE)
     log.info("qatfx: saved %s (%s, %d layers) to %s", type(module).__name__, manifest["scheme"], len(manifest["layers"]), directory)
     return directory
+
+
+def reexport(
+    module: torch.nn.Module, example_inputs: Optional[tuple] = None, example_kwargs: Optional[dict] = None, dynamic_shapes: Any = None
+) -> ExportedProgram:
+    """`module` (a converted whole graph or region capture) exported again with torch.export,
+    as `save` stores it: by default on zeros of its capture sizes (a region capture: the
+    example inputs given to prepare_pt2e), every dim dynamic that was."""
+    if is_regional(module) and example_inputs is None:  # no placeholders to size inputs from
+        example_inputs, recorded_kwargs = module.qatfx_example_inputs
+        example_kwargs = recorded_kwargs if example_kwargs is None else example_kwargs
+    return _export(module, example_inputs, example_kwargs, dynamic_shapes)
+
+
+def default_example_inputs(module: torch.nn.Module) -> tuple[tuple, dict]:
+    """What `reexport` exports a converted model with when no inputs are given: zeros of its
+    capture sizes, or for a region capture the example inputs given to prepare_pt2e."""
+    if is_regional(module):
+        args, kwargs = module.qatfx_example_inputs
+        return tuple(args), dict(kwargs)
+    args, kwargs, _ = _inputs_from_placeholders(module)
+    return args, kwargs
 
 
 def _hint(size: Any) -> int:

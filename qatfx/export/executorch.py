@@ -1,0 +1,153 @@
+"""`qatfx.export.executorch(converted, path)`: a `.pte` for ExecuTorch's XNNPACK backend.
+
+The converted model is copied, its qatfx ops rewritten into the patterns XNNPACK delegates
+(xnnpack_patterns.py: int8 dynamic per-token activations x int4 per-group weights, with the
+codes convert produced), exported with torch.export, lowered with
+`to_edge_transform_and_lower(..., partitioner=[XnnpackPartitioner()])` and written as a
+`.pte`. The report says how many quantized linears the delegate took and names the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+
+from qatfx.export.xnnpack_patterns import CODES_SUFFIX, rewrite_for_xnnpack
+from qatfx.graph.meta import CONVERTED
+from qatfx.graph.regions import graph_regions, model_stage
+from qatfx.module import copy_model_sharing_tensors, copy_sharing_tensors
+from qatfx.serialization import default_example_inputs
+from qatfx.summary import summary
+
+log = logging.getLogger("qatfx.export")
+
+
+class ExportError(RuntimeError):
+    """The model cannot be exported for this runtime; the message names what and the fix."""
+
+
+@dataclass
+class ExecuTorchExport:
+    path: Path
+    bytes: int
+    quantized_layers: int  # int4 linears in the model
+    delegated: int  # of those, taken by XNNPACK
+    not_delegated: dict = field(default_factory=dict)  # weight -> reason
+    float_layers: list = field(default_factory=list)  # linears convert left in float (summary's reasons)
+    differences: list = field(default_factory=list)  # how the runtime's arithmetic differs from training
+
+    def __str__(self) -> str:
+        lines = [
+            f"{self.path}: {self.bytes} bytes; {self.delegated}/{self.quantized_layers} int4 linears delegated to XNNPACK",
+            *(f"  not delegated: {name}: {reason}" for name, reason in self.not_delegated.items()),
+            *(f"  float (not quantized): {layer}" for layer in self.float_layers),
+            *(f"  differs from training: {d}" for d in self.differences),
+        ]
+        return "\n".join(lines)
+
+
+def _executorch():
+    try:
+        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+        from executorch.exir import to_edge_transform_and_lower
+    except ImportError as exc:
+        raise ExportError(
+            f"exporting to ExecuTorch needs the executorch package ({exc}); install it with "
+            "`pip install -e \".[executorch]\"` (executorch 1.5.1 with torch 2.13 / torchao 0.18)"
+        ) from exc
+    return to_edge_transform_and_lower, XnnpackPartitioner
+
+
+def rewritten_copy(converted: torch.nn.Module) -> tuple[torch.nn.Module, list, list]:
+    """A copy of `converted` (sharing its tensors) with every graph rewritten into XNNPACK's
+    patterns; the weights rewritten and the qatfx ops left, over all regions."""
+    regional = bool(graph_regions(converted)) and graph_regions(converted)[0][0] != ""
+    copy = copy_model_sharing_tensors(converted) if regional else copy_sharing_tensors(converted)
+    weights, left = [], []
+    for path, gm in graph_regions(copy):
+        report = rewrite_for_xnnpack(gm)
+        prefix = f"{path}." if path else ""
+        weights += [prefix + w for w in report.weights]
+        left += [(prefix + name, reason) for name, reason in report.left]
+    return copy, weights, left
+
+
+def executorch(
+    converted: torch.nn.Module,
+    path: Union[str, os.PathLike],
+    *,
+    example_inputs: Optional[tuple] = None,
+    example_kwargs: Optional[dict] = None,
+    dynamic_shapes: Any = None,
+) -> ExecuTorchExport:
+    """Write `converted` (from convert_pt2e) to `path` as an ExecuTorch program delegated to
+    XNNPACK. The program takes the inputs `converted` was captured with (default: their
+    shapes, fixed; pass `example_inputs` and `dynamic_shapes` with bounded `Dim`s for other
+    sizes) and returns what `converted` returns."""
+    module = getattr(converted, "_orig_mod", converted)
+    stage = model_stage(module)
+    if stage != CONVERTED:
+        raise ExportError(
+            "qatfx.export.executorch needs a module returned by qatfx.convert_pt2e "
+            f"(got {'a module at stage ' + repr(stage) if stage else type(module).__name__}); convert it first"
+        )
+    to_edge_transform_and_lower, XnnpackPartitioner = _executorch()
+    if example_inputs is None:
+        example_inputs, recorded = default_example_inputs(module)
+        example_kwargs = recorded if example_kwargs is None else example_kwargs
+    rewritten, weights, left = rewritten_copy(module)
+    try:
+        ep = torch.export.export(rewritten, tuple(example_inputs), example_kwargs or {}, dynamic_shapes=dynamic_shapes, strict=False)
+        edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()])
+        program = edge.to_executorch()
+    except Exception as exc:
+        raise ExportError(
+            f"lowering to ExecuTorch failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else exc}\n"
+            "Pass example_inputs= the model accepts; with dynamic_shapes=, give every Dim a max (ExecuTorch plans memory for it)"
+        ) from exc
+    not_delegated = _outside_delegates(edge.exported_program(), weights)
+    not_delegated.update({name: reason for name, reason in left})
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(program.buffer)
+    report = ExecuTorchExport(
+        path=target,
+        bytes=len(program.buffer),
+        quantized_layers=len(weights),
+        delegated=len(weights) - sum(1 for w in weights if w in not_delegated),
+        not_delegated=not_delegated,
+        float_layers=[f"{r.layer} ({r.skip_reason})" for r in summary(module).skipped],
+        differences=_differences(module),
+    )
+    log.info("qatfx: %s", report)
+    return report
+
+
+def _outside_delegates(ep, weights: list) -> dict:
+    """The rewritten weights whose dequantize the partitioner left in the top-level graph."""
+    remaining = {}
+    names = {w.replace(".", "_") + CODES_SUFFIX: w for w in weights}
+    for node in ep.graph.nodes:
+        if node.op == "call_function" and "dequantize_per_channel_group" in str(node.target):
+            source = node.args[0]
+            key = next((k for k in names if k in getattr(source, "name", "") or k in str(getattr(source, "target", ""))), None)
+            remaining[names.get(key, source.name)] = "XNNPACK's partitioner did not take this linear (shape or operand pattern it does not support)"
+    return remaining
+
+
+def _differences(module: torch.nn.Module) -> list:
+    """What the XNNPACK runtime computes differently from training."""
+    found = ["activations: XNNPACK computes the int8 per-token scale and zero point with its own kernel (rounding can differ by one code)"]
+    scale_dtypes = {r.weight_spec.scale_dtype for r in summary(module).quantized}
+    if any(dtype != torch.bfloat16 for dtype in scale_dtypes):
+        found.append(
+            "weights: XNNPACK stores per-group scales in bfloat16; these were trained in "
+            f"{', '.join(sorted(str(d).removeprefix('torch.') for d in scale_dtypes))}, so scales are rounded "
+            "(train with Int8DynActInt4WeightQuantizer(..., scales_precision=torch.bfloat16) for an identical weight grid)"
+        )
+    return found

@@ -1,0 +1,139 @@
+"""Rewrite a converted graph's qatfx ops into the quantize/dequantize patterns ExecuTorch's
+XNNPACK partitioner delegates (executorch 1.5, backends/xnnpack/partition/config/gemm_configs.py
+and utils/quant_utils.py):
+
+- an int4 weight (format `int4_packed`) -> `quantized_decomposed.dequantize_per_channel_group`
+  of the int8 codes convert produced (unpacked, not recomputed: the trained grid), the
+  format's scales (as float32, exact) and zero points of 0, codes in [-8, 7];
+- an int8 per-token asymmetric dynamic activation (`qatfx::quantize_dynamic` ->
+  `qatfx::dequantize`) -> `choose_qparams_per_token_asymmetric` -> `quantize_per_token` ->
+  `dequantize_per_token`. XNNPACK computes the activation's qparams with its own kernel.
+
+Any other qatfx op is left as it is; its linear then stays outside the delegate, and the
+export report names it.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx
+
+from qatfx import reference
+from qatfx.formats.int4_packed import tile
+from qatfx.graph.linear_sites import get_attr_value
+from qatfx.ops import dequantize, quantize_dynamic
+
+CODES_SUFFIX = "_codes"  # the unpacked int8 codes: `<weight>_codes`, beside `<weight>_packed`
+ZEROS_SUFFIX = "_zero_points"
+
+
+def _quantized_decomposed():
+    import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers torch.ops.quantized_decomposed)
+
+    return torch.ops.quantized_decomposed
+
+
+@dataclass
+class RewriteReport:
+    weights: list = field(default_factory=list)  # `<weight>` attribute paths rewritten
+    activations: int = 0
+    left: list = field(default_factory=list)  # (node name, reason) of qatfx ops kept
+
+
+def _register(gm: torch.fx.GraphModule, target: str, value: torch.Tensor) -> str:
+    owner_path, _, name = target.rpartition(".")
+    (gm.get_submodule(owner_path) if owner_path else gm).register_buffer(name, value)
+    return target
+
+
+def _rewrite_weight(gm: torch.fx.GraphModule, node: torch.fx.Node, qd) -> str:
+    packed_node, scales_node, _sums, group_size, out_dtype = node.args
+    packed = get_attr_value(gm, packed_node.target)
+    scales = get_attr_value(gm, scales_node.target)
+    k = 2 * packed.shape[-1]
+    codes = reference.unpack_int4(packed, tile(group_size, k))  # exactly convert's codes
+    weight = packed_node.target.removesuffix("_packed")
+    codes_target = _register(gm, weight + CODES_SUFFIX, codes)
+    scales_target = _register(gm, weight + "_scales_fp32", scales.to(torch.float32))  # bf16 -> fp32 is exact
+    zeros_target = _register(gm, weight + ZEROS_SUFFIX, torch.zeros(scales.shape, dtype=torch.int8))
+    graph = gm.graph
+    with graph.inserting_before(node):
+        args = [graph.get_attr(t) for t in (codes_target, scales_target, zeros_target)]
+        new = graph.call_function(
+            qd.dequantize_per_channel_group.default,
+            (*args, -8, 7, torch.int8, elements_per_scale(group_size, k), out_dtype),
+        )
+    new.meta.update(node.meta)
+    node.replace_all_uses_with(new)
+    graph.erase_node(node)
+    return weight
+
+
+def elements_per_scale(group_size: int, k: int) -> int:
+    return k if group_size in (-1, 0) else group_size
+
+
+def _rewrite_activation(gm: torch.fx.GraphModule, node: torch.fx.Node, qd) -> bool:
+    x, qmin, qmax, group_size, symmetric, _eps, _scale_dtype = node.args
+    if (qmin, qmax, group_size, symmetric) != (-128, 127, -1, False):
+        return False
+    items = {user.args[1]: user for user in node.users if user.target is operator.getitem}
+    dequants = [u for u in items.get(0, ()).users] if 0 in items else []
+    if len(dequants) == 0 or any(d.target is not dequantize for d in dequants):
+        return False
+    graph = gm.graph
+    with graph.inserting_before(node):
+        qparams = graph.call_function(qd.choose_qparams_per_token_asymmetric.default, (x, torch.int8))
+        scale = graph.call_function(operator.getitem, (qparams, 0))
+        zero = graph.call_function(operator.getitem, (qparams, 1))
+        q = graph.call_function(qd.quantize_per_token.default, (x, scale, zero, -128, 127, torch.int8))
+    for deq in dequants:
+        with graph.inserting_before(deq):
+            new = graph.call_function(qd.dequantize_per_token.default, (q, scale, zero, -128, 127, torch.int8, deq.args[4]))
+        deq.replace_all_uses_with(new)
+        graph.erase_node(deq)
+    for item in items.values():
+        if not item.users:
+            graph.erase_node(item)
+    if not node.users:
+        graph.erase_node(node)
+    return True
+
+
+def rewrite_for_xnnpack(gm: torch.fx.GraphModule) -> RewriteReport:
+    """Rewrite `gm` (a converted graph; modified in place) into XNNPACK's patterns."""
+    qd = _quantized_decomposed()
+    report = RewriteReport()
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target is torch.ops.qatfx.dequantize_int4.default:
+            report.weights.append(_rewrite_weight(gm, node, qd))
+        elif node.target is quantize_dynamic:
+            if _rewrite_activation(gm, node, qd):
+                report.activations += 1
+            else:
+                report.left.append((node.name, f"activation spec {node.args[1:5]} is not int8 per-token asymmetric"))
+        elif isinstance(node.target, torch._ops.OpOverload) and node.target.namespace == "qatfx" and node.target is not dequantize:
+            report.left.append((node.name, f"{node.target} has no XNNPACK pattern"))
+    gm.graph.eliminate_dead_code()
+    _drop_unread_parts(gm, report.weights)
+    gm.graph.lint()
+    gm.recompile()
+    return report
+
+
+def _drop_unread_parts(gm: torch.fx.GraphModule, weights: list) -> None:
+    """The packed codes, scales and group sums the rewritten weights no longer read: left
+    registered, torch.export would store them in the program beside the codes."""
+    read = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    for weight in weights:
+        for part in ("_packed", "_scales", "_group_sums"):
+            target = weight + part
+            owner_path, _, name = target.rpartition(".")
+            owner = gm.get_submodule(owner_path) if owner_path else gm
+            if target not in read and name in owner._buffers:
+                del owner._buffers[name]
