@@ -1,0 +1,148 @@
+"""qatfx.export.executorch: a converted model -> an XNNPACK `.pte` that runs in ExecuTorch's
+runtime, with every int4 linear delegated and convert's weight grid."""
+
+from __future__ import annotations
+
+import builtins
+
+import pytest
+import torch
+
+import qatfx
+import qatfx.export
+from qatfx import reference
+from qatfx.export.executorch import rewritten_copy
+from qatfx.graph.linear_sites import get_attr_value
+from qatfx.graph.regions import graph_regions
+from tests.model_zoo import BY_NAME
+from tests.models import TinyLM, tokens
+
+runtime = pytest.importorskip("executorch.runtime", reason="the executorch extra: pip install -e '.[executorch]'")
+
+GROUP = 32
+
+
+def run_pte(path, *args) -> torch.Tensor:
+    method = runtime.Runtime.get().load_program(str(path)).load_method("forward")
+    return method.execute(list(args))[0]
+
+
+def _qat_steps(prepared, vocab, steps=2):
+    opt = torch.optim.AdamW(prepared.parameters(), lr=1e-3)
+    for step in range(steps):
+        ids = tokens(2, 8, vocab, 10 + step)
+        logits = prepared(ids)
+        logits = getattr(logits, "logits", logits)
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+
+@pytest.fixture(scope="module")
+def tied_toy(tmp_path_factory):
+    """A tied-embedding Llama-style model, trained a little with 8da4w in XNNPACK's scale
+    dtype (bfloat16), converted and exported."""
+    torch.manual_seed(0)
+    prepared = qatfx.prepare_pt2e(
+        TinyLM(tie=True).train(), qatfx.Int8DynActInt4WeightQuantizer(GROUP, scales_precision=torch.bfloat16), (tokens(),)
+    )
+    _qat_steps(prepared, 96)
+    converted = qatfx.convert_pt2e(prepared.eval())
+    report = qatfx.export.executorch(converted, tmp_path_factory.mktemp("pte") / "toy.pte")
+    return converted, report
+
+
+def test_every_int4_linear_is_delegated(tied_toy):
+    converted, report = tied_toy
+    assert report.quantized_layers == len(qatfx.summary(converted).quantized) == 15
+    assert report.delegated == 15 and report.not_delegated == {} and report.float_layers == []
+    assert report.path.stat().st_size == report.bytes
+
+
+def test_the_pte_carries_converts_grid(tied_toy):
+    """The codes handed to the lowering are convert's packed codes unpacked (not requantized),
+    and the scales are bfloat16 values, which XNNPACK stores without rounding."""
+    converted, _ = tied_toy
+    rewritten, weights, _ = rewritten_copy(converted)
+    assert len(weights) == 15
+    for weight in weights:
+        packed = get_attr_value(converted, weight + "_packed")
+        codes = get_attr_value(rewritten, weight + "_codes")
+        assert torch.equal(codes, reference.unpack_int4(packed, GROUP))
+        assert codes.dtype == torch.int8 and int(codes.min()) >= -8 and int(codes.max()) <= 7
+        scales = get_attr_value(rewritten, weight + "_scales_fp32")
+        assert torch.equal(scales, get_attr_value(converted, weight + "_scales").float())
+        assert torch.equal(scales.to(torch.bfloat16).float(), scales)
+
+
+def test_runtime_matches_the_converted_model(tied_toy):
+    converted, report = tied_toy
+    ids = tokens(2, 8, 96, 7)  # the exported program takes the capture shape
+    with torch.no_grad():
+        expected = converted(ids)
+    got = run_pte(report.path, ids)
+    # The weights are identical; what differs is XNNPACK's own dynamic activation
+    # quantization (its scale/zero point may round a code differently) and its fp32 GEMM
+    # order. test_single_linear_error_is_within_one_activation_code bounds one layer; here
+    # the decision the model makes must survive: the next token at every position.
+    assert torch.equal(got.argmax(-1), expected.argmax(-1))
+
+
+def test_single_linear_error_is_within_one_activation_code(tmp_path):
+    """One 8da4w linear: the runtime's activation codes may differ from ours by at most one
+    step (its own scale/zero-point rounding), so per output |dy[t, n]| <= s_x[t] * sum_k
+    |W[n, k]| (W dequantized: identical in both) + fp32 accumulation slack
+    (K * eps * sum_k |x W|)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(128, 64))
+    x = torch.randn(4, 16, 128)
+    quantizer = qatfx.Int8DynActInt4WeightQuantizer(GROUP, scales_precision=torch.bfloat16)
+    converted = qatfx.convert_pt2e(qatfx.prepare_pt2e(model, quantizer, (x,)).eval())
+    report = qatfx.export.executorch(converted, tmp_path / "linear.pte")
+    assert report.delegated == 1
+    with torch.no_grad():
+        expected = converted(x)
+        ((_, region),) = graph_regions(converted)
+        weight = reference.dequantize(
+            reference.unpack_int4(get_attr_value(region, "0.weight_packed"), GROUP),
+            get_attr_value(region, "0.weight_scales"), None, GROUP, torch.float32,
+        )
+    got = run_pte(report.path, x)
+    scale, _ = reference.choose_qparams(x, -128, 127, -1, False, torch.finfo(torch.float32).eps, None)
+    one_code = scale * weight.abs().sum(-1)  # (tokens, 1) * (N,)
+    slack = 128 * torch.finfo(torch.float32).eps * (x.abs() @ weight.abs().T)
+    assert ((got - expected).abs() <= one_code + slack).all()
+
+
+def test_hf_llama_forward_exports_with_all_linears_delegated(tmp_path):
+    model, vocab = BY_NAME["hf_llama"].build()
+    converted = qatfx.convert_pt2e(
+        qatfx.prepare_pt2e(model, qatfx.Int8DynActInt4WeightQuantizer(GROUP), (tokens(2, 8, vocab, 0),), regions="auto").eval()
+    )
+    report = qatfx.export.executorch(converted, tmp_path / "llama.pte")
+    assert report.delegated == report.quantized_layers == 15
+    assert any("bfloat16" in d for d in report.differences)  # trained with fp32 scales: said so
+    ids = tokens(2, 8, vocab, 3)
+    with torch.no_grad():
+        expected = converted(ids).logits
+    assert torch.equal(run_pte(report.path, ids).argmax(-1), expected.argmax(-1))
+
+
+def test_refuses_a_model_that_is_not_converted():
+    prepared = qatfx.prepare_pt2e(TinyLM(), qatfx.Int8DynActInt4WeightQuantizer(GROUP), (tokens(),))
+    with pytest.raises(qatfx.export.ExportError, match="needs a module returned by qatfx.convert_pt2e.*stage 'prepared'"):
+        qatfx.export.executorch(prepared, "unused.pte")
+
+
+def test_missing_executorch_names_the_extra(monkeypatch, tied_toy):
+    real_import = builtins.__import__
+
+    def no_executorch(name, *args, **kwargs):
+        if name.startswith("executorch"):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_executorch)
+    with pytest.raises(qatfx.export.ExportError, match=r"pip install -e \"\.\[executorch\]\""):
+        qatfx.export.executorch(tied_toy[0], "unused.pte")
