@@ -3,9 +3,12 @@
     qatfx demo [--preset tiny|default|full] [--seeds N] [--text FILE] [--out DIR]
     qatfx finetune --model HF_DIR|builtin:charlm --text FILE --out DIR [--group-size G] ...
     qatfx eval --model OUT|HF_DIR|builtin:charlm --text FILE [--seq-len N]
+    qatfx export --format executorch --model DIR --out FILE.pte [--min-agreement X] [--max-relative-error E] [--no-verify]
+    qatfx verify FILE.pte --model DIR [--min-agreement X] [--max-relative-error E]
 
 Bad arguments (a missing or non-text file, a group size that does not divide the model's
-linear sizes) are reported before any work starts, with exit code 2.
+linear sizes, a directory that holds no converted model) are reported before any work
+starts, with exit code 2. A .pte that fails verification exits with 1.
 """
 
 from __future__ import annotations
@@ -22,6 +25,29 @@ def _positive_int(value: str) -> int:
     if number < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
     return number
+
+
+def _fraction(value: str) -> float:
+    number = float(value)
+    if not 0.0 <= number <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a fraction in [0, 1] (0.9: 90% of positions), got {value}")
+    return number
+
+
+def _non_negative(value: str) -> float:
+    number = float(value)
+    if not number >= 0.0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (0.1: 10% relative logit error), got {value}")
+    return number
+
+
+def _add_thresholds(command: argparse.ArgumentParser) -> None:
+    from qatfx.export.verify import DEFAULT_MAX_RELATIVE_ERROR, DEFAULT_MIN_NEXT_TOKEN_AGREEMENT
+
+    command.add_argument("--min-agreement", type=_fraction, default=DEFAULT_MIN_NEXT_TOKEN_AGREEMENT,
+                         help=f"least next-token (argmax) agreement with the converted model (default {DEFAULT_MIN_NEXT_TOKEN_AGREEMENT})")
+    command.add_argument("--max-relative-error", type=_non_negative, default=DEFAULT_MAX_RELATIVE_ERROR,
+                         help=f"largest ||pte - converted|| / ||converted|| of the logits (default {DEFAULT_MAX_RELATIVE_ERROR})")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -51,6 +77,18 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--model", required=True, help="a `qatfx finetune` output directory, a transformers directory, or builtin:charlm")
     evaluate.add_argument("--text", type=Path, required=True)
     evaluate.add_argument("--seq-len", type=_positive_int, help="window length (default: the finetune output's, else 128)")
+
+    export = commands.add_parser("export", help="write a converted model as a serving-runtime program (ExecuTorch .pte, XNNPACK) and verify it")
+    export.add_argument("--format", choices=("executorch",), default="executorch")
+    export.add_argument("--model", type=Path, required=True, help="a qatfx.save directory or a `qatfx finetune` output")
+    export.add_argument("--out", type=Path, required=True, help="the .pte file to write")
+    export.add_argument("--no-verify", action="store_true", help="skip running the .pte against the converted model")
+    _add_thresholds(export)
+
+    verify = commands.add_parser("verify", help="run a .pte in ExecuTorch's runtime and the converted model on held-out inputs; compare logits")
+    verify.add_argument("pte", type=Path, help="the .pte file (from `qatfx export`)")
+    verify.add_argument("--model", type=Path, required=True, help="the qatfx.save directory or `qatfx finetune` output it was exported from")
+    _add_thresholds(verify)
     return parser
 
 
@@ -70,6 +108,31 @@ def _check_model_source(parser: argparse.ArgumentParser, model: str, command: st
         parser.error(f"--model {model}: no config.json; give a transformers save_pretrained directory{also}")
 
 
+def _check_converted_dir(parser: argparse.ArgumentParser, model: Path) -> None:
+    """export / verify take a converted model: a qatfx.save directory (a finetune output is one)."""
+    from qatfx.recipes.finetune import MANIFEST, OLD_METADATA
+
+    if not model.is_dir():
+        parser.error(f"--model {model}: not a directory; give a qatfx.save directory or a `qatfx finetune` output")
+    if (model / MANIFEST).exists():
+        return
+    if (model / OLD_METADATA).exists():
+        parser.error(f"--model {model}: written by an older `qatfx finetune` (converted.pt), which this qatfx no longer reads; "
+                     "re-run `qatfx finetune`")
+    if (model / "config.json").exists():
+        parser.error(f"--model {model}: a transformers checkpoint (a float model), not a converted one; run "
+                     "`qatfx finetune` on it, or qatfx.save(qatfx.convert_pt2e(prepared), DIR), and export that directory")
+    parser.error(f"--model {model}: no {MANIFEST}; give a directory written by qatfx.save or `qatfx finetune`")
+
+
+def _check_export_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    _check_converted_dir(parser, args.model)
+    if args.command == "export" and args.out.suffix != ".pte":
+        parser.error(f"--out {args.out}: give a file name ending in .pte (ExecuTorch loads programs by that name)")
+    if args.command == "verify" and not args.pte.is_file():
+        parser.error(f"{args.pte}: no such .pte file; pass the file `qatfx export` wrote")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -78,14 +141,41 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from qatfx.serialization import SerializationError
 
     try:
-        if args.text is not None:
+        if getattr(args, "text", None) is not None:
             load_text(args.text)  # fail early on a missing, empty or binary file
         if args.command in ("finetune", "eval"):
             _check_model_source(parser, args.model, args.command)
+        if args.command in ("export", "verify"):
+            _check_export_args(parser, args)
+            return _export_or_verify(args)
         return _run(args)
     except (CorpusError, ValueError, SerializationError) as error:  # SerializationError: eval of a damaged save
         parser.error(str(error))  # exits with status 2
     return 2
+
+
+def _export_or_verify(args: argparse.Namespace) -> int:
+    """Exit 0: written / verified; 1: the .pte does not match the model; 2 (parser.error, via
+    main): the export cannot run (executorch missing, lowering failed, unreadable .pte)."""
+    import qatfx
+    from qatfx.export import ExportError, VerificationError, executorch, held_out_inputs, verify_pte
+    from qatfx.serialization import default_example_inputs
+
+    thresholds = dict(min_next_token_agreement=args.min_agreement, max_relative_error=args.max_relative_error)
+    try:
+        model = qatfx.load(args.model)
+        if args.command == "export":
+            sys.stdout.write(f"{executorch(model, args.out, verify=not args.no_verify, **thresholds)}\n")
+        else:
+            example, kwargs = default_example_inputs(model)  # the inputs `qatfx export` exported with
+            inputs = held_out_inputs(model, example, kwargs)
+            sys.stdout.write(f"{verify_pte(args.pte, model, inputs, kwargs=kwargs, **thresholds)}\n")
+        return 0
+    except VerificationError as error:
+        sys.stderr.write(f"qatfx {args.command}: verification FAILED\n{error}\n")
+        return 1
+    except ExportError as error:
+        raise ValueError(str(error)) from error  # main reports it with exit code 2
 
 
 def _run(args: argparse.Namespace) -> int:

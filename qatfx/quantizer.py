@@ -1,5 +1,6 @@
-"""Quantizers: policy only. A quantizer decides, for each linear site of an exported graph,
-which specs apply (or why the layer is skipped) and writes that as a frozen annotation into
+"""Quantizers: policy only. A quantizer decides, for each linear site of an exported graph
+(and each embedding lookup, when given an `embedding_spec`), which specs apply (or why the
+layer is skipped) and writes that as a frozen annotation into
 `node.meta[ANNOTATION_KEY]`. Prepare and convert read annotations generically.
 """
 
@@ -13,6 +14,7 @@ import torch
 import torch.fx
 
 from qatfx.formats import format_for
+from qatfx.graph.embedding_sites import EmbeddingSite, embedding_layer_name, find_embedding_sites
 from qatfx.graph.linear_sites import LinearSite, find_linear_sites, get_attr_value
 from qatfx.graph.meta import ANNOTATION_KEY
 from qatfx.graph.regions import layer_path, region_of
@@ -44,7 +46,15 @@ class SkipAnnotation:
     reason: str
 
 
-Annotation = Union[LinearAnnotation, SkipAnnotation]
+@dataclass(frozen=True)
+class EmbeddingAnnotation:
+    """An embedding table to fake-quantize with `weight_spec` (groups along D)."""
+
+    layer: str
+    weight_spec: QuantSpec
+
+
+Annotation = Union[LinearAnnotation, EmbeddingAnnotation, SkipAnnotation]
 
 
 class Quantizer:
@@ -52,6 +62,10 @@ class Quantizer:
 
     skip: layer names (fnmatch patterns, e.g. "lm_head", "*.mlp.down_proj") left in float.
     skip_types: module class names (e.g. "Conv1D") left in float.
+    embedding_spec: quantize embedding tables (`aten.embedding` of a parameter) with this
+        spec (spec.int4_per_group_embedding / int8_per_row_embedding); None (default) leaves
+        them in float. A table tied to a quantized linear's weight must use that linear's
+        weight spec (one fake-quant, one stored table); prepare refuses otherwise.
     """
 
     def __init__(
@@ -61,6 +75,7 @@ class Quantizer:
         *,
         skip: Iterable[str] = (),
         skip_types: Iterable[Union[str, type]] = (),
+        embedding_spec: Optional[QuantSpec] = None,
     ) -> None:
         if input_spec is not None and not input_spec.dynamic:
             raise ValueError(
@@ -69,15 +84,22 @@ class Quantizer:
             )
         if isinstance(weight_spec.granularity, PerGroup) and weight_spec.granularity.group_size % 2:
             raise ValueError(f"weight group size must be even, got {weight_spec.granularity.group_size}")
+        if embedding_spec is not None and not isinstance(embedding_spec, QuantSpec):
+            raise TypeError(
+                f"embedding_spec must be a QuantSpec, got {type(embedding_spec).__name__}; "
+                "use qatfx.spec.int4_per_group_embedding(32) or int8_per_row_embedding()"
+            )
         self.input_spec = input_spec
         self.weight_spec = weight_spec
+        self.embedding_spec = embedding_spec
         self.skip = tuple(skip)
         # compared by class name: nn_module_stack records a dotted path, not the class
         self.skip_types = tuple((t if isinstance(t, str) else t.__qualname__).split(".")[-1] for t in skip_types)
 
     def __repr__(self) -> str:
         act = self.input_spec.describe() if self.input_spec else "float"
-        return f"{type(self).__name__}(activations={act}, weights={self.weight_spec.describe()}, skip={self.skip})"
+        emb = f", embeddings={self.embedding_spec.describe()}" if self.embedding_spec else ""
+        return f"{type(self).__name__}(activations={act}, weights={self.weight_spec.describe()}{emb}, skip={self.skip})"
 
     def annotate(self, gm: torch.fx.GraphModule) -> list[Annotation]:
         """Write one annotation per linear site into node.meta; return them in graph order."""
@@ -86,7 +108,38 @@ class Quantizer:
             annotation = self.annotate_site(gm, site)
             site.node.meta[ANNOTATION_KEY] = annotation
             annotations.append(annotation)
+        if self.embedding_spec is not None:
+            for site in find_embedding_sites(gm):
+                annotation = self.annotate_embedding(gm, site)
+                site.node.meta[ANNOTATION_KEY] = annotation
+                annotations.append(annotation)
         return annotations
+
+    def annotate_embedding(self, gm: torch.fx.GraphModule, site: EmbeddingSite) -> Annotation:
+        layer = embedding_layer_name(gm, site)
+        reason = self._embedding_skip_reason(gm, site, layer)
+        if reason is not None:
+            return SkipAnnotation(layer, reason)
+        _check_tied(gm, site, layer, self.embedding_spec)
+        return EmbeddingAnnotation(layer, self.embedding_spec)
+
+    def _embedding_skip_reason(self, gm: torch.fx.GraphModule, site: EmbeddingSite, layer: str) -> Optional[str]:
+        for pattern in self.skip:
+            if fnmatch.fnmatchcase(layer, pattern):
+                return f"excluded by the quantizer's skip pattern {pattern!r}"
+        if site.module_type is not None and site.module_type.split(".")[-1] in self.skip_types:
+            return f"excluded by the quantizer's skip_types ({site.module_type})"
+        table = get_attr_value(gm, site.param_name)
+        if table.dim() != 2 or table.dtype not in SUPPORTED_WEIGHT_DTYPES:
+            return f"embedding table {tuple(table.shape)} {table.dtype} is not a 2-D float32/bfloat16/float16 table"
+        d = table.shape[1]
+        granularity = self.embedding_spec.granularity
+        if isinstance(granularity, PerGroup) and d % granularity.group_size:
+            return (
+                f"embedding dim {d} is not divisible by group size {granularity.group_size}; "
+                "left in float (qatfx skips rather than pads); choose a group size dividing it"
+            )
+        return format_for(self.embedding_spec).layout_problem(self.embedding_spec, d)
 
     def annotate_site(self, gm: torch.fx.GraphModule, site: LinearSite) -> Annotation:
         layer = model_layer_name(gm, site)
@@ -131,12 +184,34 @@ def model_layer_name(gm: torch.fx.GraphModule, site: LinearSite) -> str:
     return layer_path(region, site.param_name or site.node.name).removesuffix(".weight")
 
 
+def _check_tied(gm: torch.fx.GraphModule, site: EmbeddingSite, layer: str, spec: QuantSpec) -> None:
+    """A table that is also a quantized linear's weight gets one fake-quant, so both must
+    quantize it the same way (same spec, groups along the same dim)."""
+    for linear in find_linear_sites(gm):
+        annotation = linear.node.meta.get(ANNOTATION_KEY)
+        if linear.param_node is not site.param_node or not isinstance(annotation, LinearAnnotation):
+            continue
+        if linear.param_is_k_by_n:
+            raise ValueError(
+                f"embedding {layer} is tied to {annotation.layer}, which reads the table transposed (groups would "
+                f"run along V there, along D here); skip one of them (skip=[{annotation.layer!r}]) or untie the weights"
+            )
+        if annotation.weight_spec != spec:
+            raise ValueError(
+                f"embedding {layer} is tied to linear {annotation.layer}: one table must have one grid, but the "
+                f"embedding spec is {spec} and the linear's weight spec is {annotation.weight_spec}; pass the "
+                "linear's spec as embedding_spec (e.g. int4_per_group_embedding(group_size, scale_dtype) with "
+                "the linear's group size and scales_precision), skip one of them, or untie the weights"
+            )
+
+
 class Int8DynActInt4WeightQuantizer(Quantizer):
     """8da4w: int8 dynamic per-token asymmetric activations, int4 symmetric per-group
     weights; numerically identical to torchao's Int8DynActInt4WeightQATQuantizer.
 
     group_size: weight group size along the input dim (torchao's default 256).
     scales_precision: dtype of the weight scales (float32, or bfloat16 to save bytes).
+    embedding_spec: see `Quantizer` (None: embeddings stay in float).
     legacy_eps: see `qatfx.spec.int8_per_token_activation`.
     """
 
@@ -148,12 +223,14 @@ class Int8DynActInt4WeightQuantizer(Quantizer):
         legacy_eps: bool = True,
         skip: Iterable[str] = (),
         skip_types: Iterable[Union[str, type]] = (),
+        embedding_spec: Optional[QuantSpec] = None,
     ) -> None:
         super().__init__(
             int8_per_token_activation(legacy_eps=legacy_eps),
             int4_per_group_weight(group_size, scales_precision),
             skip=skip,
             skip_types=skip_types,
+            embedding_spec=embedding_spec,
         )
         self.group_size = group_size
 
@@ -175,6 +252,10 @@ class Int4WeightOnlyQuantizer(Quantizer):
         scales_precision: torch.dtype = torch.float32,
         skip: Iterable[str] = (),
         skip_types: Iterable[Union[str, type]] = (),
+        embedding_spec: Optional[QuantSpec] = None,
     ) -> None:
-        super().__init__(None, int4_per_group_weight(group_size, scales_precision), skip=skip, skip_types=skip_types)
+        super().__init__(
+            None, int4_per_group_weight(group_size, scales_precision), skip=skip, skip_types=skip_types,
+            embedding_spec=embedding_spec,
+        )
         self.group_size = group_size

@@ -267,7 +267,8 @@ def _layer_tensors(report: LayerReport, names: set) -> dict[str, str]:
     """Which saved tensors hold this layer. Convert names its buffers `<param>_<part>`, and
     a layer is its weight parameter's name without `.weight` (graph/linear_sites.py)."""
     found = {}
-    for base in (f"{report.layer}.weight", report.layer):
+    layer = report.tied_to or report.layer  # a tied table is stored once, under the linear's name
+    for base in (f"{layer}.weight", layer):
         if report.quantized:
             parts = report.weight_format.parts
             found.update({part: f"{base}_{part}" for part in parts if f"{base}_{part}" in names})
@@ -292,8 +293,12 @@ def _manifest(module: QATGraphModule, tensors: dict[str, torch.Tensor], aliases:
             "quantized": report.quantized,
             "tensors": _layer_tensors(report, set(tensors)),
         }
-        if report.quantized:
+        if report.tied_to:
+            entry["tied_to"] = report.tied_to
+        # the scheme names the linears' specs; embeddings carry their own spec per layer
+        if report.quantized and report.op != "embedding":
             schemes.add((scheme_name(report.input_spec, report.weight_spec), json.dumps(spec_to_json(report.input_spec)), json.dumps(spec_to_json(report.weight_spec))))
+        if report.quantized:
             entry.update(
                 format=report.weight_format.name,
                 group_size=_elements_per_scale(report.weight_spec, report.shape[1]),
@@ -506,4 +511,5 @@ def _report_from_json(layer: dict) -> LayerReport:
         input_spec=spec_from_json(layer.get("activation")),
         weight_spec=spec_from_json(layer.get("weight")),
         skip_reason=layer.get("skip_reason"),
+        tied_to=layer.get("tied_to"),
     )

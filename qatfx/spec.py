@@ -140,3 +140,17 @@ def int8_per_token_activation(*, legacy_eps: bool = True) -> QuantSpec:
 def int4_per_group_weight(group_size: int, scale_dtype: torch.dtype = torch.float32) -> QuantSpec:
     """int4 symmetric per-group weights, scale = absmax / 7.5 (torchao's rule)."""
     return QuantSpec(4, PerGroup(group_size), symmetric=True, scale_dtype=scale_dtype)
+
+
+# Embedding tables (V, D): groups run along D, the last dim, as for any weight.
+
+
+def int4_per_group_embedding(group_size: int = 32, scale_dtype: torch.dtype = torch.float32) -> QuantSpec:
+    """int4 symmetric per-group embedding table (ExecuTorch's `--embedding-quantize 4,32`);
+    the same rule as `int4_per_group_weight`, so a tied lm_head can share one grid."""
+    return int4_per_group_weight(group_size, scale_dtype)
+
+
+def int8_per_row_embedding(scale_dtype: torch.dtype = torch.float32) -> QuantSpec:
+    """int8 symmetric embedding table, one scale per row (`--embedding-quantize 8,0`)."""
+    return QuantSpec(8, PerChannel(), symmetric=True, scale_dtype=scale_dtype)

@@ -1,5 +1,6 @@
-"""Model-level summary: which linears are quantized, which were skipped and why, and the
-weight bytes before and after conversion."""
+"""Model-level summary: which linears (and embedding tables, with a quantizer's
+embedding_spec) are quantized, which were skipped and why, and the weight bytes before and
+after conversion."""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ import torch
 import torch.fx
 
 from qatfx.formats import WeightFormat, format_for
+from qatfx.graph.embedding_sites import find_embedding_sites
 from qatfx.graph.linear_sites import find_linear_sites, get_attr_value
 from qatfx.graph.meta import ANNOTATION_KEY
 from qatfx.graph.regions import graph_regions
-from qatfx.quantizer import LinearAnnotation
+from qatfx.quantizer import EmbeddingAnnotation, LinearAnnotation
 from qatfx.spec import QuantSpec
 
 
@@ -21,11 +23,14 @@ from qatfx.spec import QuantSpec
 class LayerReport:
     layer: str
     op: str
-    shape: tuple  # (out_features N, in_features K)
+    shape: tuple  # (out_features N, in_features K); an embedding's (V, D)
     weight_dtype: torch.dtype
     input_spec: Optional[QuantSpec]
     weight_spec: Optional[QuantSpec]
     skip_reason: Optional[str]
+    # An embedding whose table is a quantized linear's weight: that linear's layer. The
+    # table is stored once and counted there, so this report counts 0 bytes.
+    tied_to: Optional[str] = None
 
     @property
     def quantized(self) -> bool:
@@ -33,6 +38,8 @@ class LayerReport:
 
     @property
     def float_bytes(self) -> int:
+        if self.tied_to is not None:
+            return 0
         n, k = self.shape
         return n * k * self.weight_dtype.itemsize
 
@@ -44,7 +51,7 @@ class LayerReport:
     @property
     def quantized_bytes(self) -> int:
         """Bytes of the converted weight: every part its format stores."""
-        if not self.quantized:
+        if not self.quantized or self.tied_to is not None:
             return self.float_bytes
         return self.weight_format.nbytes(self.weight_spec, self.shape, self.weight_dtype)
 
@@ -76,13 +83,15 @@ class QuantizationSummary:
                 r.layer, r.op, f"{r.shape[0]}x{r.shape[1]}",
                 r.input_spec.describe() if r.quantized and r.input_spec else "float",
                 r.weight_spec.describe() if r.quantized else "float",
-                str(r.float_bytes), str(r.quantized_bytes), r.skip_reason or "",
+                str(r.float_bytes), str(r.quantized_bytes),
+                r.skip_reason or (f"table tied to {r.tied_to} (stored once, counted there)" if r.tied_to else ""),
             ))
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
         ratio = self.float_bytes / max(self.quantized_bytes, 1)
+        kind = "linear and embedding" if any(r.op == "embedding" for r in self.layers) else "linear"
         lines.append(
-            f"{len(self.quantized)} quantized, {len(self.skipped)} skipped; linear weight bytes "
+            f"{len(self.quantized)} quantized, {len(self.skipped)} skipped; {kind} weight bytes "
             f"{self.float_bytes} -> {self.quantized_bytes} ({ratio:.2f}x smaller)"
         )
         return "\n".join(lines)
@@ -107,6 +116,31 @@ def layer_reports(gm: torch.fx.GraphModule) -> list[LayerReport]:
                 input_spec=annotation.input_spec if quantized else None,
                 weight_spec=annotation.weight_spec if quantized else None,
                 skip_reason=None if quantized else annotation.reason,
+            )
+        )
+    return reports + _embedding_reports(gm, reports)
+
+
+def _embedding_reports(gm: torch.fx.GraphModule, linear_reports: list) -> list[LayerReport]:
+    """One report per annotated embedding site (annotated only with an embedding_spec)."""
+    quantized_tables = {
+        site.param_node: site.node.meta[ANNOTATION_KEY].layer
+        for site in find_linear_sites(gm)
+        if isinstance(site.node.meta.get(ANNOTATION_KEY), LinearAnnotation)
+    }
+    reports = []
+    for site in find_embedding_sites(gm):
+        annotation = site.node.meta.get(ANNOTATION_KEY)
+        if annotation is None:
+            continue
+        table = get_attr_value(gm, site.param_name)
+        quantized = isinstance(annotation, EmbeddingAnnotation)
+        reports.append(
+            LayerReport(
+                layer=annotation.layer, op="embedding", shape=tuple(table.shape), weight_dtype=table.dtype,
+                input_spec=None, weight_spec=annotation.weight_spec if quantized else None,
+                skip_reason=None if quantized else annotation.reason,
+                tied_to=quantized_tables.get(site.param_node) if quantized else None,
             )
         )
     return reports

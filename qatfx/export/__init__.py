@@ -1,6 +1,10 @@
 """Exports of converted models to serving runtimes: `qatfx.export.executorch` (an XNNPACK
-`.pte`). Each imports its runtime only when called."""
+`.pte`, checked against the converted model by `verify_pte`). Each imports its runtime only
+when called."""
 
 from qatfx.export.executorch import ExecuTorchExport, ExportError, executorch
+from qatfx.export.verify import VerificationError, VerifyReport, held_out_inputs, verify_pte
+from qatfx.export.executorch_generate import GenerationExport, PteDecoder, executorch_generate, generate_pte
 
-__all__ = ["ExecuTorchExport", "ExportError", "executorch"]
+__all__ = ["ExecuTorchExport", "ExportError", "VerificationError", "VerifyReport", "executorch", "held_out_inputs", "verify_pte"]
+__all__ += ["GenerationExport", "PteDecoder", "executorch_generate", "generate_pte"]

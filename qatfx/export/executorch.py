@@ -5,6 +5,8 @@ The converted model is copied, its qatfx ops rewritten into the patterns XNNPACK
 codes convert produced), exported with torch.export, lowered with
 `to_edge_transform_and_lower(..., partitioner=[XnnpackPartitioner()])` and written as a
 `.pte`. The report says how many quantized linears the delegate took and names the rest.
+Then, by default, the `.pte` is run in ExecuTorch's runtime on held-out inputs and checked
+against the converted model (verify.py); the report carries the result.
 """
 
 from __future__ import annotations
@@ -17,6 +19,16 @@ from typing import Any, Optional, Union
 
 import torch
 
+from qatfx.export.verify import (
+    DEFAULT_MAX_RELATIVE_ERROR,
+    DEFAULT_MIN_NEXT_TOKEN_AGREEMENT,
+    ExportError,
+    VerificationError,
+    VerifyReport,
+    check_thresholds,
+    held_out_inputs,
+    verify_pte,
+)
 from qatfx.export.xnnpack_patterns import CODES_SUFFIX, rewrite_for_xnnpack
 from qatfx.graph.meta import CONVERTED
 from qatfx.graph.regions import graph_regions, model_stage
@@ -25,10 +37,6 @@ from qatfx.serialization import default_example_inputs
 from qatfx.summary import summary
 
 log = logging.getLogger("qatfx.export")
-
-
-class ExportError(RuntimeError):
-    """The model cannot be exported for this runtime; the message names what and the fix."""
 
 
 @dataclass
@@ -40,6 +48,7 @@ class ExecuTorchExport:
     not_delegated: dict = field(default_factory=dict)  # weight -> reason
     float_layers: list = field(default_factory=list)  # linears convert left in float (summary's reasons)
     differences: list = field(default_factory=list)  # how the runtime's arithmetic differs from training
+    verification: Optional[VerifyReport] = None  # the .pte vs the converted model (None: verify=False)
 
     def __str__(self) -> str:
         lines = [
@@ -47,6 +56,7 @@ class ExecuTorchExport:
             *(f"  not delegated: {name}: {reason}" for name, reason in self.not_delegated.items()),
             *(f"  float (not quantized): {layer}" for layer in self.float_layers),
             *(f"  differs from training: {d}" for d in self.differences),
+            *([str(self.verification)] if self.verification is not None else []),
         ]
         return "\n".join(lines)
 
@@ -84,11 +94,21 @@ def executorch(
     example_inputs: Optional[tuple] = None,
     example_kwargs: Optional[dict] = None,
     dynamic_shapes: Any = None,
+    verify: bool = True,
+    verify_inputs: Optional[list] = None,
+    min_next_token_agreement: float = DEFAULT_MIN_NEXT_TOKEN_AGREEMENT,
+    max_relative_error: float = DEFAULT_MAX_RELATIVE_ERROR,
 ) -> ExecuTorchExport:
     """Write `converted` (from convert_pt2e) to `path` as an ExecuTorch program delegated to
     XNNPACK. The program takes the inputs `converted` was captured with (default: their
     shapes, fixed; pass `example_inputs` and `dynamic_shapes` with bounded `Dim`s for other
-    sizes) and returns what `converted` returns."""
+    sizes) and returns what `converted` returns.
+
+    verify: run the written `.pte` in ExecuTorch's runtime and `converted` on held-out inputs
+    (`verify_inputs`, a list of argument tuples, called with `example_kwargs`; default:
+    `held_out_inputs`, random token ids / randn shaped like the example inputs) and raise
+    VerificationError when next-token agreement < `min_next_token_agreement` or the relative
+    logit error > `max_relative_error` (the file stays written, for inspection)."""
     module = getattr(converted, "_orig_mod", converted)
     stage = model_stage(module)
     if stage != CONVERTED:
@@ -96,6 +116,8 @@ def executorch(
             "qatfx.export.executorch needs a module returned by qatfx.convert_pt2e "
             f"(got {'a module at stage ' + repr(stage) if stage else type(module).__name__}); convert it first"
         )
+    if verify:
+        check_thresholds(min_next_token_agreement, max_relative_error)  # before minutes of lowering
     to_edge_transform_and_lower, XnnpackPartitioner = _executorch()
     if example_inputs is None:
         example_inputs, recorded = default_example_inputs(module)
@@ -124,6 +146,16 @@ def executorch(
         float_layers=[f"{r.layer} ({r.skip_reason})" for r in summary(module).skipped],
         differences=_differences(module),
     )
+    if verify:
+        inputs = verify_inputs if verify_inputs is not None else held_out_inputs(module, example_inputs, example_kwargs)
+        try:
+            report.verification = verify_pte(
+                target, module, inputs, kwargs=example_kwargs,
+                min_next_token_agreement=min_next_token_agreement, max_relative_error=max_relative_error,
+            )
+        except VerificationError as exc:
+            exc.export = report  # what was written, for the caller that wants to inspect it
+            raise
     log.info("qatfx: %s", report)
     return report
 
@@ -143,7 +175,8 @@ def _outside_delegates(ep, weights: list) -> dict:
 def _differences(module: torch.nn.Module) -> list:
     """What the XNNPACK runtime computes differently from training."""
     found = ["activations: XNNPACK computes the int8 per-token scale and zero point with its own kernel (rounding can differ by one code)"]
-    scale_dtypes = {r.weight_spec.scale_dtype for r in summary(module).quantized}
+    # embeddings run in ExecuTorch's quantized kernels with float32 scales, not in XNNPACK
+    scale_dtypes = {r.weight_spec.scale_dtype for r in summary(module).quantized if r.op != "embedding"}
     if any(dtype != torch.bfloat16 for dtype in scale_dtypes):
         found.append(
             "weights: XNNPACK stores per-group scales in bfloat16; these were trained in "

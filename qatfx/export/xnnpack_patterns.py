@@ -9,6 +9,14 @@ and utils/quant_utils.py):
   `qatfx::dequantize`) -> `choose_qparams_per_token_asymmetric` -> `quantize_per_token` ->
   `dequantize_per_token`. XNNPACK computes the activation's qparams with its own kernel.
 
+- a quantized embedding table (`aten.embedding` of a weight dequantize) -> ExecuTorch's
+  quantized embedding op, which its quantized kernels run (not XNNPACK): int4 symmetric
+  (`int4_packed`) -> `quantized_decomposed.embedding_4bit` (codes + 8, two per byte, the
+  even element in the high nibble: executorch exir/passes/_quant_patterns_and_replacements.py),
+  int8 symmetric codes (`int_codes`) -> `embedding_byte`; same codes, scales as float32
+  (exact from bfloat16), no zero points. A table tied to a linear is stored twice in the
+  program: 4-bit packed for the embedding op, int8 codes for XNNPACK's linear.
+
 Any other qatfx op is left as it is; its linear then stays outside the delegate, and the
 export report names it.
 """
@@ -17,6 +25,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 import torch.fx
@@ -39,6 +48,7 @@ def _quantized_decomposed():
 @dataclass
 class RewriteReport:
     weights: list = field(default_factory=list)  # `<weight>` attribute paths rewritten
+    embeddings: list = field(default_factory=list)  # `<weight>` paths of tables rewritten
     activations: int = 0
     left: list = field(default_factory=list)  # (node name, reason) of qatfx ops kept
 
@@ -69,6 +79,81 @@ def _rewrite_weight(gm: torch.fx.GraphModule, node: torch.fx.Node, qd) -> str:
     new.meta.update(node.meta)
     node.replace_all_uses_with(new)
     graph.erase_node(node)
+    return weight
+
+
+def _executorch_embedding_ops():
+    """Registers quantized_decomposed.embedding_* (their Python kernels and fake kernels)."""
+    import executorch.exir.passes._quant_patterns_and_replacements  # noqa: F401
+
+    return torch.ops.quantized_decomposed
+
+
+def load_quantized_kernels() -> None:
+    """Register ExecuTorch's quantized kernels (embedding_4bit / embedding_byte) with the
+    Python runtime, which does not link them: `executorch.runtime` fails to load a program
+    using them ("Missing operator: quantized_decomposed::embedding_4bit.dtype_out") until
+    this shared library, shipped in the executorch wheel, is loaded. Idempotent."""
+    import ctypes
+    from pathlib import Path
+
+    import executorch
+    import executorch.runtime  # noqa: F401  (loads libexecutorch.so, whose registry the kernels join)
+
+    library = Path(list(executorch.__path__)[0]) / "lib" / "libexecutorch_kernels_quantized.so"
+    if not library.exists():
+        raise FileNotFoundError(
+            f"{library} is missing: this executorch build has no quantized kernels for the runtime; "
+            "install the executorch wheel (1.5.1), which ships them"
+        )
+    ctypes.CDLL(str(library), mode=ctypes.RTLD_GLOBAL)
+
+
+def _embedding_table(gm: torch.fx.GraphModule, node: torch.fx.Node):
+    """(weight path, packed table, ExecuTorch op, qmin, qmax) for a weight dequantize
+    whose users include aten.embedding, or None when ExecuTorch has no op for it."""
+    packed_node, scales_node = node.args[0], node.args[1]
+    if packed_node.op != "get_attr" or scales_node.op != "get_attr":
+        return None
+    codes_or_packed = get_attr_value(gm, packed_node.target)
+    scales = get_attr_value(gm, scales_node.target)
+    weight = packed_node.target.removesuffix("_packed")
+    if node.target is torch.ops.qatfx.dequantize_int4.default:
+        group_size = node.args[3]
+        codes = reference.unpack_int4(codes_or_packed, tile(group_size, 2 * codes_or_packed.shape[-1]))
+        unsigned = (codes.to(torch.int16) + 8).to(torch.uint8)  # ExecuTorch stores code + 8
+        table = (unsigned[:, 0::2] << 4) | unsigned[:, 1::2]
+        return weight, table, "embedding_4bit", -8, 7, scales
+    if node.target is dequantize and node.args[2] is None and codes_or_packed.dtype == torch.int8:
+        return weight, codes_or_packed, "embedding_byte", -128, 127, scales
+    return None
+
+
+def _rewrite_embeddings(gm: torch.fx.GraphModule, node: torch.fx.Node) -> Optional[str]:
+    """Rewrite the aten.embedding users of a weight dequantize into ExecuTorch's quantized
+    embedding op; returns the weight path, or None when there were none to rewrite."""
+    users = [u for u in node.users if u.target is torch.ops.aten.embedding.default and u.args[0] is node]
+    if not users:
+        return None
+    found = _embedding_table(gm, node)
+    if found is None:
+        return None
+    weight, table, op_name, qmin, qmax, scales = found
+    # the program now needs the quantized kernels: register them so that this process's
+    # runtime (the export's own check, then the user's) can load it
+    load_quantized_kernels()
+    out_dtype = node.args[-1]
+    op = getattr(_executorch_embedding_ops(), op_name).dtype
+    table_target = _register(gm, weight + "_embedding_table", table.contiguous())
+    scales_target = _register(gm, weight + "_embedding_scales", scales.to(torch.float32).contiguous())
+    graph = gm.graph
+    for user in users:
+        with graph.inserting_before(user):
+            args = (graph.get_attr(table_target), graph.get_attr(scales_target), None, qmin, qmax, user.args[1])
+            new = graph.call_function(op, args, {"dtype": out_dtype})
+        new.meta.update(user.meta)
+        user.replace_all_uses_with(new)
+        graph.erase_node(user)
     return weight
 
 
@@ -110,6 +195,12 @@ def rewrite_for_xnnpack(gm: torch.fx.GraphModule) -> RewriteReport:
     for node in list(gm.graph.nodes):
         if node.op != "call_function":
             continue
+        if node.target in (torch.ops.qatfx.dequantize_int4.default, dequantize):
+            table = _rewrite_embeddings(gm, node)
+            if table is not None:
+                report.embeddings.append(table)
+            if not node.users:
+                continue  # an embedding-only table: eliminate_dead_code drops the dequantize
         if node.target is torch.ops.qatfx.dequantize_int4.default:
             report.weights.append(_rewrite_weight(gm, node, qd))
         elif node.target is quantize_dynamic:
@@ -120,7 +211,7 @@ def rewrite_for_xnnpack(gm: torch.fx.GraphModule) -> RewriteReport:
         elif isinstance(node.target, torch._ops.OpOverload) and node.target.namespace == "qatfx" and node.target is not dequantize:
             report.left.append((node.name, f"{node.target} has no XNNPACK pattern"))
     gm.graph.eliminate_dead_code()
-    _drop_unread_parts(gm, report.weights)
+    _drop_unread_parts(gm, report.weights + report.embeddings)
     gm.graph.lint()
     gm.recompile()
     return report
@@ -131,7 +222,7 @@ def _drop_unread_parts(gm: torch.fx.GraphModule, weights: list) -> None:
     registered, torch.export would store them in the program beside the codes."""
     read = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
     for weight in weights:
-        for part in ("_packed", "_scales", "_group_sums"):
+        for part in ("_packed", "_scales", "_group_sums", "_zeros"):
             target = weight + part
             owner_path, _, name = target.rpartition(".")
             owner = gm.get_submodule(owner_path) if owner_path else gm

@@ -10,6 +10,9 @@ Rewrites to:
                 fq_w = qatfx.dequantize_int4(w_packed, w_scales, w_group_sums, 32, torch.float32)
         with one buffer `<layer>.weight_<part>` per part the format stores, computed from
         the parameter's current value; node.meta["qatfx_format"] names the format.
+        An embedding table is a weight like any other: aten.embedding then reads the
+        format's dequantize of the packed table; a table tied to a linear has one
+        fake-quant, so it is packed once and both read the one dequantize node.
     activation:
         before: fq_x = qatfx.fake_quantize(x, qmin=-128, qmax=127, group_size=-1, ...)
         after:  q = qatfx.quantize_dynamic(x, -128, 127, -1, False, eps, torch.float32)
@@ -18,7 +21,8 @@ Requires:    insert_fake_quant ran.
 Ensures:     converted output == prepared output bit for bit (both use qatfx.reference;
              a weight group holding NaN/inf stores codes 0 and dequantizes to NaN, as its
              fake-quant does, with a NonFiniteWarning naming the layer);
-             a float parameter no other node reads is deleted (tied ones stay).
+             a float parameter no other node reads is deleted, with its unread aliases
+             (a tied one still read elsewhere stays).
 """
 
 from __future__ import annotations
@@ -95,13 +99,33 @@ def _drop_unused(gm: torch.fx.GraphModule, node: torch.fx.Node) -> None:
         source = node.args[0] if node.op == "call_function" else None
         if node.op == "get_attr":
             target = node.target
+            value = get_attr_value(gm, target)
             graph.erase_node(node)
             if not any(n.op == "get_attr" and n.target == target for n in graph.nodes):
-                owner_path, _, name = target.rpartition(".")
-                delattr(gm.get_submodule(owner_path) if owner_path else gm, name)
+                _delete_attr(gm, target)
+                _drop_unread_aliases(gm, value)
             return
         graph.erase_node(node)
         node = source
+
+
+def _delete_attr(gm: torch.fx.GraphModule, target: str) -> None:
+    owner_path, _, name = target.rpartition(".")
+    delattr(gm.get_submodule(owner_path) if owner_path else gm, name)
+
+
+def _drop_unread_aliases(gm: torch.fx.GraphModule, value: torch.Tensor) -> None:
+    """Other names of a deleted parameter (a tied embedding's `embed.weight`, which
+    torch.export leaves as an unused get_attr) that no node reads: deleted too, so the
+    float table is not kept beside its packed form."""
+    aliases = [name for name, p in gm.named_parameters(remove_duplicate=False) if p is value]
+    for target in aliases:
+        readers = [n for n in gm.graph.nodes if n.op == "get_attr" and n.target == target]
+        if any(n.users for n in readers):
+            continue
+        for n in readers:
+            gm.graph.erase_node(n)
+        _delete_attr(gm, target)
 
 
 def _convert_activation(gm: torch.fx.GraphModule, fq: torch.fx.Node, spec: QuantSpec) -> None:

@@ -1,6 +1,7 @@
 """Insert fake-quant pass.
 
-Matches:     linear sites annotated with a LinearAnnotation.
+Matches:     linear sites annotated with a LinearAnnotation, embedding sites annotated
+             with an EmbeddingAnnotation.
 Rewrites to: qatfx.fake_quantize on the activation input and on the weight parameter:
 
     before:  linear = aten.linear(x, w, b)
@@ -14,10 +15,14 @@ Rewrites to: qatfx.fake_quantize on the activation input and on the weight param
              fake-quantized weight the layout convert's dequantize produces; addmm's
              result depends on its operands' layout (BLAS picks another kernel), so
              without it prepared and converted GPT-2 differ in the last bits.
+             An embedding table (V, D) is fake-quantized like an (N, K) weight (groups
+             along D): embedding = aten.embedding(fake_quantize(table), indices).
 Requires:    annotate ran.
 Ensures:     one fake_quantize per (operand, spec): q/k/v projections reading the same x
-             share one activation fake-quant; other users of a weight (a tied embedding)
-             still read the float parameter; node.meta["val"] set on new nodes.
+             share one activation fake-quant; a table tied to a quantized linear has
+             one fake-quant feeding both (annotate checked their specs agree); other
+             users of a weight (a tied embedding without embedding_spec) still read the
+             float parameter; node.meta["val"] set on new nodes.
 """
 
 from __future__ import annotations
@@ -27,9 +32,10 @@ import torch.fx
 
 from qatfx.ops import fake_quantize
 from qatfx.passes.infra import PassResult, requires
+from qatfx.graph.embedding_sites import find_embedding_sites
 from qatfx.graph.linear_sites import find_linear_sites
 from qatfx.graph.meta import ANNOTATION_KEY, INPUT, ROLE_META_KEY, SPEC_META_KEY, WEIGHT
-from qatfx.quantizer import LinearAnnotation
+from qatfx.quantizer import EmbeddingAnnotation, LinearAnnotation
 from qatfx.spec import QuantSpec
 
 aten = torch.ops.aten
@@ -87,6 +93,16 @@ def insert_fake_quant(gm: torch.fx.GraphModule) -> PassResult:
             else:
                 made[key] = _insert_fake_quant(graph, site.param_node, annotation.weight_spec, WEIGHT)
         site.param_user.replace_input_with(site.param_node, made[key])
+
+    for site in find_embedding_sites(gm):
+        annotation = site.node.meta.get(ANNOTATION_KEY)
+        if not isinstance(annotation, EmbeddingAnnotation):
+            continue
+        modified = True
+        key = (site.param_node, annotation.weight_spec, False)  # a tied linear's key: one node
+        if key not in made:
+            made[key] = _insert_fake_quant(graph, site.param_node, annotation.weight_spec, WEIGHT)
+        site.node.replace_input_with(site.param_node, made[key])
     return PassResult(gm, modified)
 
 
