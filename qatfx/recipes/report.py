@@ -82,7 +82,24 @@ def markdown_report(result: DemoResult) -> str:
         "",
         markdown_table(result),
         "",
+        *_deploy_lines(result.deploy),
     ])
+
+
+def _deploy_lines(deploy) -> list:
+    if deploy is None:
+        return []
+    batch, tokens = deploy.window
+    return [
+        f"## Deployed: {deploy.scheme} QAT model as an ExecuTorch program (XNNPACK)",
+        "",
+        f"- .pte: {deploy.pte_bytes / 1e6:.2f} MB, {deploy.delegated} int4 linears delegated; verified against the converted "
+        f"model: relative logit error {deploy.relative_error:.2e}, next-token agreement {deploy.next_token_agreement:.1%}",
+        f"- next tokens per second, each forward reading a {batch} x {tokens} token window (no KV cache), this CPU: "
+        f"float model in eager torch {deploy.float_tokens_per_s:.0f}, .pte {deploy.pte_tokens_per_s:.0f} "
+        f"({deploy.pte_tokens_per_s / deploy.float_tokens_per_s:.2f}x)",
+        "",
+    ]
 
 
 def write_report(result: DemoResult, out_dir: Path) -> dict[str, Path]:

@@ -111,3 +111,11 @@ def test_tiny_demo_report(tmp_path, text_file, capsys):
         assert row["converted_bytes"] < report["float_bytes"]
     for name in ("report.md", "training_curves.png", "perplexity.png"):
         assert (out / name).stat().st_size > 0
+    # the deploy step: the int4 g32 QAT model as a .pte, verified (export raises below the
+    # verifier's thresholds), timed beside the float model
+    deploy = report["deploy"]
+    assert (out / "qat.pte").stat().st_size == deploy["pte_bytes"]
+    assert deploy["delegated"] == "8/8"  # 1 layer x 7 linears + lm_head
+    assert deploy["next_token_agreement"] >= 0.9 and deploy["relative_error"] <= 0.1
+    assert deploy["float_tokens_per_s"] > 0 and deploy["pte_tokens_per_s"] > 0
+    assert "## Deployed: int4 g32 QAT model" in (out / "report.md").read_text()

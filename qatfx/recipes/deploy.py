@@ -1,0 +1,62 @@
+"""The demo's last step: its QAT model as an ExecuTorch program (XNNPACK), verified against
+the converted model, and its next-token rate next to the float model's."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+log = logging.getLogger("qatfx.recipes")
+
+
+@dataclass
+class DeployResult:
+    scheme: str
+    pte_bytes: int
+    delegated: str  # "15/15"
+    relative_error: float  # the verifier's, against the converted model
+    next_token_agreement: float
+    window: tuple  # the (batch, tokens) window each forward reads
+    float_tokens_per_s: float  # next tokens per second: float model, eager torch
+    pte_tokens_per_s: float  # the same, the .pte in executorch.runtime
+
+
+def _rate(forward, window: tuple, seconds: float = 2.0) -> float:
+    """Next tokens per second when every forward reads the whole window (no KV cache): one
+    new token per sequence per call, timed for about `seconds` after a warm-up call."""
+    forward()
+    calls, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        forward()
+        calls += 1
+    return calls * window[0] / (time.perf_counter() - started)
+
+
+def export_and_time(scheme: str, converted: torch.nn.Module, float_model: torch.nn.Module, example: torch.Tensor, out_dir: Path) -> Optional[DeployResult]:
+    """None (with the reason logged) when the executorch extra is not installed."""
+    try:
+        import qatfx.export
+        from qatfx.export.verify import load_method
+    except ImportError as exc:  # pragma: no cover - the extra is installed in CI
+        log.warning("qatfx demo: skipping the ExecuTorch step (%s); pip install -e \".[executorch]\"", exc)
+        return None
+    try:
+        report = qatfx.export.executorch(converted, out_dir / "qat.pte")
+    except qatfx.export.ExportError as exc:
+        log.warning("qatfx demo: skipping the ExecuTorch step: %s", exc)
+        return None
+    float_model = float_model.eval()
+    with torch.no_grad():
+        float_rate = _rate(lambda: float_model(example), tuple(example.shape))
+    method = load_method(report.path)
+    pte_rate = _rate(lambda: method.execute([example]), tuple(example.shape))
+    return DeployResult(
+        scheme=scheme, pte_bytes=report.bytes, delegated=f"{report.delegated}/{report.quantized_layers}",
+        relative_error=report.verification.relative_error, next_token_agreement=report.verification.next_token_agreement,
+        window=tuple(example.shape), float_tokens_per_s=float_rate, pte_tokens_per_s=pte_rate,
+    )
