@@ -124,7 +124,7 @@ def _prepare_regions(
     if args is None:
         raise ValueError("prepare_pt2e(model, quantizer, example_inputs, regions=...): example_inputs are required")
     args = args if isinstance(args, tuple) else (args,)
-    calls, outside = plan_regions(model, regions, args, kwargs)
+    calls, outside = plan_regions(model, regions, args, kwargs, embeddings=quantizer.embedding_spec is not None)
     prepared = copy_model_sharing_tensors(model)
     prepared.qatfx_outside_layers = [outside_report(o, type(model).__name__) for o in outside]
     # qatfx.save re-exports the whole model; these are its default example inputs

@@ -65,11 +65,14 @@ def _covered(name: str, regions: list[str]) -> bool:
     return any(name == r or name.startswith(r + ".") for r in regions)
 
 
-def auto_regions(model: torch.nn.Module) -> list[str]:
-    """Every repeated block, then every linear-like module outside the blocks, in module order."""
-    regions = _repeated_blocks(model)
-    regions += [name for name, m in model.named_modules() if _is_linear_like(m) and not _covered(name, regions)]
-    return regions
+def auto_regions(model: torch.nn.Module, *, embeddings: bool = False) -> list[str]:
+    """Every repeated block, then every linear-like module outside the blocks (and, when
+    embeddings are quantized, every nn.Embedding outside them), in module order."""
+    blocks = _repeated_blocks(model)
+    return blocks + [
+        name for name, m in model.named_modules()
+        if (_is_linear_like(m) or (embeddings and isinstance(m, torch.nn.Embedding))) and not _covered(name, blocks)
+    ]
 
 
 def opaque_argument(args: tuple, kwargs: dict) -> Any:
@@ -194,14 +197,14 @@ def _check_named(model: torch.nn.Module, names: list[str]) -> None:
 
 
 def plan_regions(
-    model: torch.nn.Module, regions: Regions, args: tuple, kwargs: dict
+    model: torch.nn.Module, regions: Regions, args: tuple, kwargs: dict, *, embeddings: bool = False
 ) -> tuple[dict[str, RegionCall], list[OutsideLinear]]:
     """The regions to capture (in module order), what each is called with, and the linears
     left outside them."""
     automatic = isinstance(regions, str)
     if automatic and regions != AUTO:
         raise ValueError(f"regions must be 'auto', a list of module names or None (whole model), got {regions!r}")
-    names = auto_regions(model) if automatic else list(regions)
+    names = auto_regions(model, embeddings=embeddings) if automatic else list(regions)
     _check_named(model, names)
     if not names:
         raise ValueError(

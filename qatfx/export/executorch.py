@@ -174,7 +174,7 @@ def _outside_delegates(ep, weights: list) -> dict:
 
 def _differences(module: torch.nn.Module) -> list:
     """What the XNNPACK runtime computes differently from training."""
-    found = ["activations: XNNPACK computes the int8 per-token scale and zero point with its own kernel (rounding can differ by one code)"]
+    found = ["activations: the program quantizes them per token like quantized_decomposed.quantize_per_token (x / scale in float64; qatfx rounds in float32), so a value at a rounding tie can get the neighbouring int8 code"]
     # embeddings run in ExecuTorch's quantized kernels with float32 scales, not in XNNPACK
     scale_dtypes = {r.weight_spec.scale_dtype for r in summary(module).quantized if r.op != "embedding"}
     if any(dtype != torch.bfloat16 for dtype in scale_dtypes):

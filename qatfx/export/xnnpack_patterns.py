@@ -7,7 +7,8 @@ and utils/quant_utils.py):
   format's scales (as float32, exact) and zero points of 0, codes in [-8, 7];
 - an int8 per-token asymmetric dynamic activation (`qatfx::quantize_dynamic` ->
   `qatfx::dequantize`) -> `choose_qparams_per_token_asymmetric` -> `quantize_per_token` ->
-  `dequantize_per_token`. XNNPACK computes the activation's qparams with its own kernel.
+  `dequantize_per_token`. That op divides by the scale in float64 where qatfx rounds in
+  float32: a value at a rounding tie can get the neighbouring code (rare; the export report says so).
 
 - a quantized embedding table (`aten.embedding` of a weight dequantize) -> ExecuTorch's
   quantized embedding op, which its quantized kernels run (not XNNPACK): int4 symmetric

@@ -57,4 +57,5 @@ def find_embedding_sites(gm: torch.fx.GraphModule) -> list[EmbeddingSite]:
 def embedding_layer_name(gm: torch.fx.GraphModule, site: EmbeddingSite) -> str:
     """The layer's name in the user's model (prefixed with a region's path)."""
     region = region_of(gm)
-    return layer_path(region, site.layer_name) if region else site.layer_name
+    # a region that is the embedding itself names its table `weight`: the layer is the region
+    return layer_path(region, site.layer_name).removesuffix(".weight") if region else site.layer_name

@@ -27,11 +27,12 @@ def run_pte(path, *args) -> torch.Tensor:
     return method.execute(list(args))[0]
 
 
-def _qat_steps(prepared, vocab, steps=2):
+def _qat_steps(prepared, vocab, steps=2, compiled=False):
     opt = torch.optim.AdamW(prepared.parameters(), lr=1e-3)
+    forward = torch.compile(prepared) if compiled else prepared
     for step in range(steps):
         ids = tokens(2, 8, vocab, 10 + step)
-        logits = prepared(ids)
+        logits = forward(ids)
         logits = getattr(logits, "logits", logits)
         loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
         loss.backward()
@@ -41,13 +42,13 @@ def _qat_steps(prepared, vocab, steps=2):
 
 @pytest.fixture(scope="module")
 def tied_toy(tmp_path_factory):
-    """A tied-embedding Llama-style model, trained a little with 8da4w in XNNPACK's scale
-    dtype (bfloat16), converted and exported."""
+    """A tied-embedding Llama-style model, trained a few compiled QAT steps with 8da4w in
+    XNNPACK's scale dtype (bfloat16), converted and exported."""
     torch.manual_seed(0)
     prepared = qatfx.prepare_pt2e(
         TinyLM(tie=True).train(), qatfx.Int8DynActInt4WeightQuantizer(GROUP, scales_precision=torch.bfloat16), (tokens(),)
     )
-    _qat_steps(prepared, 96)
+    _qat_steps(prepared, 96, steps=3, compiled=True)
     converted = qatfx.convert_pt2e(prepared.eval())
     report = qatfx.export.executorch(converted, tmp_path_factory.mktemp("pte") / "toy.pte")
     return converted, report

@@ -183,3 +183,27 @@ def test_float_one_token_program_generates_the_float_models_tokens(tmp_path):
         top2 = expected_logits.topk(2, dim=-1).values
         assert (top2[:, 0] - top2[:, 1]).min().item() > 2e-5  # 2 x atol: no near-tie can flip a token
         assert torch.equal(generate_pte(report.path, ids, NEW_TOKENS), expected)
+
+
+def test_int4_embedding_region_generates_the_converted_models_tokens(tmp_path):
+    """With embedding_spec, region capture makes `embed_tokens` a region too: its table is
+    fake-quantized in training, packed by convert, and run by ExecuTorch's quantized
+    embedding op in the generating program, which yields the converted model's tokens."""
+    from qatfx.spec import int4_per_group_embedding
+
+    model, vocab = _hf("LlamaConfig", "LlamaForCausalLM", use_cache=True)()
+    quantizer = qatfx.Int8DynActInt4WeightQuantizer(
+        32, scales_precision=torch.bfloat16, embedding_spec=int4_per_group_embedding(32, torch.bfloat16)
+    )
+    ids = torch.randint(0, vocab, (2, 8), generator=torch.Generator().manual_seed(0))
+    prepared = qatfx.prepare_pt2e(model, quantizer, (ids,), regions="auto")
+    embeddings = [r for r in qatfx.summary(prepared).layers if r.op == "embedding"]
+    assert [(r.layer, r.quantized) for r in embeddings] == [("model.embed_tokens", True)]
+    converted = qatfx.convert_pt2e(prepared.eval()).eval()
+    qatfx.export.executorch_generate(converted, tmp_path / "emb.pte", max_seq_len=32)
+    with torch.no_grad():
+        expected = converted.generate(ids[:1], max_new_tokens=8, do_sample=False)
+    # greedy tokens: the embedding op dequantizes the same codes and bf16-exact scales as
+    # convert (tests/passes/test_embedding_quant.py checks the lookup is exact), so only the
+    # activation rounding of the tests above can differ, which moves logits by ~1e-7 here
+    assert torch.equal(qatfx.export.generate_pte(tmp_path / "emb.pte", ids[:1], max_new_tokens=8), expected)
