@@ -132,14 +132,7 @@ class Quantizer:
         table = get_attr_value(gm, site.param_name)
         if table.dim() != 2 or table.dtype not in SUPPORTED_WEIGHT_DTYPES:
             return f"embedding table {tuple(table.shape)} {table.dtype} is not a 2-D float32/bfloat16/float16 table"
-        d = table.shape[1]
-        granularity = self.embedding_spec.granularity
-        if isinstance(granularity, PerGroup) and d % granularity.group_size:
-            return (
-                f"embedding dim {d} is not divisible by group size {granularity.group_size}; "
-                "left in float (qatfx skips rather than pads); choose a group size dividing it"
-            )
-        return format_for(self.embedding_spec).layout_problem(self.embedding_spec, d)
+        return _layout_problem(self.embedding_spec, table.shape[1], "embedding dim")
 
     def annotate_site(self, gm: torch.fx.GraphModule, site: LinearSite) -> Annotation:
         layer = model_layer_name(gm, site)
@@ -166,13 +159,18 @@ class Quantizer:
                 "cast the model, e.g. model.to(torch.float32)"
             )
         k = weight.shape[0] if site.param_is_k_by_n else weight.shape[1]
-        granularity = self.weight_spec.granularity
-        if isinstance(granularity, PerGroup) and k % granularity.group_size:
-            return (
-                f"in_features {k} is not divisible by group size {granularity.group_size}; "
-                "left in float (qatfx skips rather than pads); choose a group size dividing it"
-            )
-        return format_for(self.weight_spec).layout_problem(self.weight_spec, k)
+        return _layout_problem(self.weight_spec, k, "in_features")
+
+
+def _layout_problem(spec: QuantSpec, length: int, what: str) -> Optional[str]:
+    """Why a weight whose quantized dim has `length` elements cannot take `spec`, or None."""
+    granularity = spec.granularity
+    if isinstance(granularity, PerGroup) and length % granularity.group_size:
+        return (
+            f"{what} {length} is not divisible by group size {granularity.group_size}; "
+            "left in float (qatfx skips rather than pads); choose a group size dividing it"
+        )
+    return format_for(spec).layout_problem(spec, length)
 
 
 def model_layer_name(gm: torch.fx.GraphModule, site: LinearSite) -> str:

@@ -132,16 +132,13 @@ def executorch(
             f"lowering to ExecuTorch failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else exc}\n"
             "Pass example_inputs= the model accepts; with dynamic_shapes=, give every Dim a max (ExecuTorch plans memory for it)"
         ) from exc
-    not_delegated = _outside_delegates(edge.exported_program(), weights)
-    not_delegated.update({name: reason for name, reason in left})
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_bytes(program.buffer)
+    delegated, not_delegated = delegation(edge.exported_program(), weights, left)
+    target = write_program(program, path)
     report = ExecuTorchExport(
         path=target,
         bytes=len(program.buffer),
         quantized_layers=len(weights),
-        delegated=len(weights) - sum(1 for w in weights if w in not_delegated),
+        delegated=delegated,
         not_delegated=not_delegated,
         float_layers=[f"{r.layer} ({r.skip_reason})" for r in summary(module).skipped],
         differences=_differences(module),
@@ -158,6 +155,21 @@ def executorch(
             raise
     log.info("qatfx: %s", report)
     return report
+
+
+def delegation(ep, weights: list, left: list) -> tuple[int, dict]:
+    """How many rewritten int4 linears the delegate took, and the others with the reason
+    (those the partitioner left, and the qatfx ops the rewrite had no pattern for)."""
+    not_delegated = _outside_delegates(ep, weights)
+    not_delegated.update(dict(left))
+    return len(weights) - sum(1 for w in weights if w in not_delegated), not_delegated
+
+
+def write_program(program, path: Union[str, os.PathLike]) -> Path:
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(program.buffer)
+    return target
 
 
 def _outside_delegates(ep, weights: list) -> dict:

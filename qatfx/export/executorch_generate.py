@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional, Union
 
 import torch
@@ -31,8 +30,9 @@ from qatfx.export.executorch import (
     ExportError,
     _differences,
     _executorch,
-    _outside_delegates,
+    delegation,
     rewritten_copy,
+    write_program,
 )
 from qatfx.graph.meta import CONVERTED
 from qatfx.graph.regions import graph_regions, model_stage
@@ -170,17 +170,13 @@ def executorch_generate(
             "captured with use_cache=False, refuses the cache)"
         ) from exc
     _check_cache_updated(edge.exported_program(), text_config.num_hidden_layers)
-    not_delegated = _outside_delegates(edge.exported_program(), weights)
-    not_delegated.update(dict(left))
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_bytes(program.buffer)
+    delegated, not_delegated = delegation(edge.exported_program(), weights, left)
+    target = write_program(program, path)
     report = GenerationExport(
         path=target,
         bytes=len(program.buffer),
         quantized_layers=len(weights),
-        # every dequantize left in the top-level graph is one linear outside the delegate
-        delegated=len(weights) - len(not_delegated),
+        delegated=delegated,
         not_delegated=not_delegated,
         float_layers=[f"{r.layer} ({r.skip_reason})" for r in summary(module).skipped] if quantized else [],
         differences=_differences(module) if quantized else [],
