@@ -14,6 +14,7 @@ from qatfx import reference
 from qatfx.export.executorch import rewritten_copy
 from qatfx.graph.linear_sites import get_attr_value
 from qatfx.graph.regions import graph_regions
+from tests.export.decisions import assert_same_logits_and_tokens
 from tests.model_zoo import BY_NAME
 from tests.models import TinyLM, tokens
 
@@ -83,11 +84,7 @@ def test_runtime_matches_the_converted_model(tied_toy):
     with torch.no_grad():
         expected = converted(ids)
     got = run_pte(report.path, ids)
-    # The weights are identical; what differs is XNNPACK's own dynamic activation
-    # quantization (its scale/zero point may round a code differently) and its fp32 GEMM
-    # order. test_single_linear_error_is_within_one_activation_code bounds one layer; here
-    # the decision the model makes must survive: the next token at every position.
-    assert torch.equal(got.argmax(-1), expected.argmax(-1))
+    assert_same_logits_and_tokens(got, expected)  # tests/export/decisions.py: bound and why
 
 
 def test_single_linear_error_is_within_one_activation_code(tmp_path):
@@ -118,16 +115,24 @@ def test_single_linear_error_is_within_one_activation_code(tmp_path):
 
 def test_hf_llama_forward_exports_with_all_linears_delegated(tmp_path):
     model, vocab = BY_NAME["hf_llama"].build()
-    converted = qatfx.convert_pt2e(
-        qatfx.prepare_pt2e(model, qatfx.Int8DynActInt4WeightQuantizer(GROUP), (tokens(2, 8, vocab, 0),), regions="auto").eval()
-    )
+    quantizer = qatfx.Int8DynActInt4WeightQuantizer(GROUP, scales_precision=torch.bfloat16)
+    converted = qatfx.convert_pt2e(qatfx.prepare_pt2e(model, quantizer, (tokens(2, 8, vocab, 0),), regions="auto").eval())
     report = qatfx.export.executorch(converted, tmp_path / "llama.pte")
     assert report.delegated == report.quantized_layers == 15
-    assert any("bfloat16" in d for d in report.differences)  # trained with fp32 scales: said so
     ids = tokens(2, 8, vocab, 3)
     with torch.no_grad():
         expected = converted(ids).logits
-    assert torch.equal(run_pte(report.path, ids).argmax(-1), expected.argmax(-1))
+    assert_same_logits_and_tokens(run_pte(report.path, ids), expected)
+
+
+def test_float32_trained_scales_are_reported(tied_toy):
+    """XNNPACK stores per-group scales in bfloat16: a model trained with float32 scales is
+    told its grid will be rounded, and how to train on the runtime's grid."""
+    from qatfx.export.executorch import _differences
+
+    converted = qatfx.convert_pt2e(qatfx.prepare_pt2e(TinyLM(), qatfx.Int8DynActInt4WeightQuantizer(GROUP), (tokens(),)).eval())
+    assert any("bfloat16" in d and "scales_precision=torch.bfloat16" in d for d in _differences(converted))
+    assert not any("bfloat16" in d for d in _differences(tied_toy[0]))  # trained in bf16: nothing to say
 
 
 def test_refuses_a_model_that_is_not_converted():

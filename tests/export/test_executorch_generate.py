@@ -200,10 +200,15 @@ def test_int4_embedding_region_generates_the_converted_models_tokens(tmp_path):
     embeddings = [r for r in qatfx.summary(prepared).layers if r.op == "embedding"]
     assert [(r.layer, r.quantized) for r in embeddings] == [("model.embed_tokens", True)]
     converted = qatfx.convert_pt2e(prepared.eval()).eval()
-    qatfx.export.executorch_generate(converted, tmp_path / "emb.pte", max_seq_len=32)
+    report = qatfx.export.executorch_generate(converted, tmp_path / "emb.pte", max_seq_len=MAX_SEQ_LEN)
     with torch.no_grad():
-        expected = converted.generate(ids[:1], max_new_tokens=8, do_sample=False)
-    # greedy tokens: the embedding op dequantizes the same codes and bf16-exact scales as
-    # convert (tests/passes/test_embedding_quant.py checks the lookup is exact), so only the
-    # activation rounding of the tests above can differ, which moves logits by ~1e-7 here
-    assert torch.equal(qatfx.export.generate_pte(tmp_path / "emb.pte", ids[:1], max_new_tokens=8), expected)
+        expected, expected_logits = reference(converted, ids[:1])
+    got_logits = teacher_forced(PteDecoder(report.path), expected, ids.shape[1])
+    # the embedding op dequantizes the same codes and bf16-exact scales as convert (the lookup
+    # is exact: tests/passes/test_embedding_quant.py); the linears differ as above, so the
+    # same near-tie guard applies before comparing greedy tokens
+    top2 = expected_logits.topk(2, dim=-1).values
+    margin = (top2[:, 0] - top2[:, 1]).min().item()
+    diff = (got_logits - expected_logits).abs().max().item()
+    assert diff < margin / 2, f"a near-tie (margin {margin:.1e}, logit difference {diff:.1e}) could flip a token"
+    assert torch.equal(generate_pte(report.path, ids[:1], NEW_TOKENS), expected)

@@ -14,6 +14,7 @@ import qatfx.export
 from qatfx.ops import fake_quantize
 from qatfx.quantizer import Int8DynActInt4WeightQuantizer, Int4WeightOnlyQuantizer
 from qatfx.spec import int4_per_group_embedding, int8_per_row_embedding
+from tests.export.decisions import assert_same_logits_and_tokens
 from tests.models import TinyLM, tokens
 
 aten = torch.ops.aten
@@ -205,8 +206,8 @@ def test_pte_runs_the_quantized_embedding(exported):
     method = Runtime.get().load_program(str(report.path)).load_method("forward")
     x = tokens(seed=5)
     out = method.execute([x])[0]
-    ref = converted(x)
-    # the program rounds activations per token in float64 where qatfx uses float32 (a tie can
-    # round to the neighbouring code), so logits are close, not equal; the argmax is what a
-    # generated token depends on
-    assert torch.equal(out.argmax(-1), ref.argmax(-1))
+    with torch.no_grad():
+        ref = converted(x)
+    # the embedding op dequantizes the same codes and bf16-exact scales (exact, tested above);
+    # the linears differ only as tests/export/decisions.py bounds
+    assert_same_logits_and_tokens(out, ref)
