@@ -186,7 +186,7 @@ def _outside_delegates(ep, weights: list) -> dict:
 
 def _differences(module: torch.nn.Module) -> list:
     """What the XNNPACK runtime computes differently from training."""
-    found = ["activations: the program quantizes them per token like quantized_decomposed.quantize_per_token (x / scale in float64; qatfx rounds in float32), so a value at a rounding tie can get the neighbouring int8 code"]
+    found = ["activations: the program quantizes them per token like quantized_decomposed.quantize_per_token (x / scale in float64, a nudged float32 zero point; qatfx rounds in float32 with zero = qmin - round(min / scale)), so a value or zero point at a rounding tie can get the neighbouring int8 code"]
     # embeddings run in ExecuTorch's quantized kernels with float32 scales, not in XNNPACK
     scale_dtypes = {r.weight_spec.scale_dtype for r in summary(module).quantized if r.op != "embedding"}
     if any(dtype != torch.bfloat16 for dtype in scale_dtypes):
