@@ -18,6 +18,8 @@ from qatfx.graph.linear_sites import get_attr_value
 from qatfx.graph.meta import CONVERTED
 from qatfx.graph.regions import graph_regions, layer_path, model_stage
 from qatfx.ops import dequantize
+from qatfx.spec import QuantSpec
+from qatfx.summary import summary
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,7 @@ class QuantizedWeight:
     scales: torch.Tensor
     zeros: Optional[torch.Tensor]
     group_size: int  # elements per scale along K
+    spec: Optional[QuantSpec]  # the weight spec the layer trained with (None: not in the summary)
 
     @property
     def shape(self) -> tuple:
@@ -78,6 +81,7 @@ def converted_tensors(converted: torch.nn.Module) -> ConvertedTensors:
             f"expected a module returned by qatfx.convert_pt2e, got {type(module).__name__}"
             f"{' at stage ' + repr(model_stage(module)) if model_stage(module) else ''}; convert it first"
         )
+    specs = {report.layer + ".weight": report.weight_spec for report in summary(module).quantized}
     quantized: dict = {}
     stored_parts: set = set()  # model names of the parts quantized weights are stored in
     for region, gm in graph_regions(module):
@@ -87,7 +91,7 @@ def converted_tensors(converted: torch.nn.Module) -> ConvertedTensors:
                 continue
             target, codes, scales, zeros, group_size = found
             name = layer_path(region, target.removesuffix("_packed"))
-            quantized[name] = QuantizedWeight(name, codes, scales, zeros, group_size)
+            quantized[name] = QuantizedWeight(name, codes, scales, zeros, group_size, specs.get(name))
             stored_parts.add(name + "_")
     floats = {}
     for name, tensor in [*module.named_parameters(), *module.named_buffers()]:

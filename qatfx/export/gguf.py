@@ -1,0 +1,325 @@
+"""qatfx.export.gguf: a converted Llama-architecture model -> a GGUF file llama.cpp loads,
+every int4 linear in Q4_0 holding the trained codes and scales (docs/export_gguf.md).
+
+The usual route (dequantize -> convert_hf_to_gguf -> llama-quantize) recomputes every block
+scale from the float weights; this writes convert's own grid, so the file's weights are the
+converted model's, bit for bit, whenever the grid is expressible: symmetric, groups a
+multiple of 32, fp16 scales (train with `scales_precision=torch.float16`, or with
+`qatfx.LlamaCppQuantizer`, which also trains on llama.cpp's activation arithmetic).
+A layer that is not expressible is refused with the reason; `allow_rounding=True` writes it
+rounded (fp16 scales, or llama.cpp's own Q4_0 quantizer for other group sizes) and reports
+how many weights moved.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from qatfx.export.gguf_blocks import BLOCK, block_problem, fp16_problem, q4_0_bytes, q8_0_bytes
+from qatfx.export.llama_layout import LlamaHParams, UnsupportedModel, config_of, hf_names, llama_hparams
+from qatfx.export.verify import ExportError, VerificationError
+from qatfx.export.weights import QuantizedWeight, converted_tensors
+
+logger = logging.getLogger(__name__)
+
+FLOAT_TYPES = ("q8_0", "f16", "f32")  # for embeddings and a float output head
+
+_LAYER_NAMES = {
+    "input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
+    "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+}
+_TOP_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight", "lm_head.weight": "output.weight"}
+
+
+def gguf_name(hf: str) -> str:
+    """llama.cpp's name for a Hugging Face Llama tensor (convert_hf_to_gguf's mapping)."""
+    if hf in _TOP_NAMES:
+        return _TOP_NAMES[hf]
+    match = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)", hf)
+    if match is None or match.group(2) not in _LAYER_NAMES:
+        raise UnsupportedModel(f"{hf} has no llama.cpp tensor")
+    return f"blk.{match.group(1)}.{_LAYER_NAMES[match.group(2)]}.{match.group(3)}"
+
+
+def rotary_rows(rows: torch.Tensor, heads: int) -> torch.Tensor:
+    """Reorder q/k rows (and their scales' rows) from Hugging Face's rotate-half layout to
+    llama.cpp's adjacent pairs (convert_hf_to_gguf `LlamaModel.permute`): a permutation, so
+    codes and scales move unchanged."""
+    n = rows.shape[0]
+    return rows.reshape(heads, 2, n // heads // 2, *rows.shape[1:]).transpose(1, 2).reshape(rows.shape)
+
+
+@dataclass
+class GGUFExport:
+    path: Path
+    quantized_layers: int  # written from the trained codes (Q4_0 / Q8_0)
+    rounded: dict = field(default_factory=dict)  # tensor -> (reason, weights moved), allow_rounding only
+    tensor_types: dict = field(default_factory=dict)  # GGUF tensor name -> ggml type name
+    differences: list = field(default_factory=list)
+    bytes: int = 0
+    verified: Optional[int] = None  # tensors read back equal to the converted model's
+
+    def lines(self) -> list:
+        counts: dict = {}
+        for kind in self.tensor_types.values():
+            counts[kind] = counts.get(kind, 0) + 1
+        kinds = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
+        out = [f"{self.path}: {self.bytes / 2**20:.2f} MiB, {len(self.tensor_types)} tensors ({kinds}); "
+               f"{self.quantized_layers} quantized layers written from the trained codes"]
+        out += [f"  rounded: {name}: {reason}; {moved} weights moved" for name, (reason, moved) in self.rounded.items()]
+        out += [f"  differs from the converted model: {d}" for d in self.differences]
+        if self.verified is not None:
+            out.append(f"  verified: {self.verified} tensors read back and dequantized with gguf's own dequantizer equal the converted model's")
+        return out
+
+
+@dataclass(frozen=True)
+class _Tensor:
+    data: np.ndarray
+    ggml_type: Any  # gguf.GGMLQuantizationType
+    expected: torch.Tensor  # what dequantizing it must give: the converted model's values (rotary rows applied)
+    exact: bool  # written without rounding
+
+
+def _gguf():
+    try:
+        import gguf
+    except ImportError as exc:
+        raise ExportError("qatfx.export.gguf needs the gguf package: pip install -e '.[gguf]'") from exc
+    return gguf
+
+
+def _mapping_problem(weight: QuantizedWeight) -> Optional[str]:
+    spec = weight.spec
+    if spec is not None and not spec.symmetric or weight.zeros is not None and bool(weight.zeros.any()):
+        return "asymmetric (a zero point): Q4_0/Q8_0 grids are symmetric"
+    bits = spec.bits if spec is not None else (4 if int(weight.codes.abs().max()) <= 8 else 8)
+    if bits not in (4, 8):
+        return f"{bits}-bit codes: GGUF's exact targets are Q4_0 (4-bit) and Q8_0 (8-bit)"
+    return block_problem(weight.group_size, weight.shape[1]) or fp16_problem(weight.scales)
+
+
+def _quantized_tensor(gguf, weight: QuantizedWeight, heads: Optional[int], allow_rounding: bool) -> tuple[_Tensor, Optional[tuple]]:
+    """The weight as Q4_0 / Q8_0 from its codes; with a problem, refused or (allow_rounding) rounded."""
+    codes, scales = weight.codes, weight.scales
+    expected = weight.dequantized(torch.float32)
+    if heads is not None:
+        codes, scales, expected = rotary_rows(codes, heads), rotary_rows(scales, heads), rotary_rows(expected, heads)
+    problem = _mapping_problem(weight)
+    bits = weight.spec.bits if weight.spec is not None else (4 if int(codes.abs().max()) <= 8 else 8)
+    if problem is None:
+        encode = q4_0_bytes if bits == 4 else q8_0_bytes
+        ggml = gguf.GGMLQuantizationType.Q4_0 if bits == 4 else gguf.GGMLQuantizationType.Q8_0
+        return _Tensor(encode(codes, scales, weight.group_size), ggml, expected, True), None
+    if not allow_rounding:
+        return None, problem
+    # llama.cpp's own quantizer on the converted weights (the dequantize -> llama-quantize route)
+    ggml = gguf.GGMLQuantizationType.Q4_0 if bits <= 4 else gguf.GGMLQuantizationType.Q8_0
+    data = gguf.quants.quantize(expected.numpy(), ggml)
+    moved = int((torch.from_numpy(gguf.quants.dequantize(data, ggml)).reshape(expected.shape) != expected).sum())
+    return _Tensor(data, ggml, expected, False), (problem, moved)
+
+
+def _float_tensor(gguf, tensor: torch.Tensor, kind: str, heads: Optional[int] = None) -> _Tensor:
+    values = tensor.detach().to(torch.float32)
+    if heads is not None:
+        values = rotary_rows(values, heads)
+    array = values.numpy()
+    if kind == "f32":
+        return _Tensor(array, gguf.GGMLQuantizationType.F32, values, True)
+    if kind == "f16":
+        return _Tensor(array.astype(np.float16), gguf.GGMLQuantizationType.F16, values, False)
+    return _Tensor(gguf.quants.quantize(array, gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0, values, False)
+
+
+def _rotary_heads(hf: str, hp: LlamaHParams) -> Optional[int]:
+    if hf.endswith("self_attn.q_proj.weight"):
+        return hp.num_attention_heads
+    if hf.endswith("self_attn.k_proj.weight"):
+        return hp.num_key_value_heads
+    return None
+
+
+def _collect(gguf, converted, hp: LlamaHParams, embeddings: str, output: str, allow_rounding: bool):
+    tensors = converted_tensors(converted)
+    sources = {**tensors.float, **tensors.quantized}
+    by_hf = hf_names(sources)
+    if hp.tie_word_embeddings and "model.embed_tokens.weight" not in by_hf and "lm_head.weight" in by_hf:
+        by_hf["model.embed_tokens.weight"] = by_hf.pop("lm_head.weight")  # one table, stored under the head's name
+    if "model.embed_tokens.weight" in by_hf and by_hf.get("lm_head.weight") == by_hf["model.embed_tokens.weight"]:
+        del by_hf["lm_head.weight"]  # tied: llama.cpp reads token_embd for the output
+    out: dict = {}
+    problems: dict = {}
+    rounded: dict = {}
+    quantized = 0
+    for hf, source in by_hf.items():
+        name = gguf_name(hf)
+        heads = _rotary_heads(hf, hp)
+        if source in tensors.quantized:
+            tensor, issue = _quantized_tensor(gguf, tensors.quantized[source], heads, allow_rounding)
+            if tensor is None:
+                problems[source] = issue
+                continue
+            if issue is not None:
+                rounded[name] = issue
+            else:
+                quantized += 1
+        elif hf == "model.embed_tokens.weight":
+            tensor = _float_tensor(gguf, sources[source], embeddings)
+        elif hf == "lm_head.weight":
+            tensor = _float_tensor(gguf, sources[source], output)
+        elif sources[source].dim() == 1:
+            tensor = _float_tensor(gguf, sources[source], "f32")  # norms and biases: llama.cpp wants F32
+        else:
+            tensor = _float_tensor(gguf, sources[source], "f16", heads)  # a linear left in float
+        out[name] = tensor
+    if problems:
+        listed = "\n".join(f"  {layer}: {why}" for layer, why in problems.items())
+        raise ExportError(
+            f"{len(problems)} quantized layer(s) cannot be written to GGUF without changing their trained grid:\n{listed}\n"
+            "Train with a grid llama.cpp stores exactly (qatfx.LlamaCppQuantizer, or group_size a multiple of 32 "
+            "with scales_precision=torch.float16), or pass allow_rounding=True (CLI: --allow-rounding) to write them "
+            "rounded and report how many weights moved"
+        )
+    return out, rounded, quantized
+
+
+def _write_metadata(gguf, writer, hp: LlamaHParams, name: str, file_type) -> None:
+    writer.add_name(name)
+    writer.add_context_length(hp.max_position_embeddings)
+    writer.add_embedding_length(hp.hidden_size)
+    writer.add_block_count(hp.num_hidden_layers)
+    writer.add_feed_forward_length(hp.intermediate_size)
+    writer.add_head_count(hp.num_attention_heads)
+    writer.add_head_count_kv(hp.num_key_value_heads)
+    writer.add_rope_freq_base(hp.rope_theta)
+    writer.add_rope_dimension_count(hp.head_dim)
+    writer.add_layer_norm_rms_eps(hp.rms_norm_eps)
+    writer.add_vocab_size(hp.vocab_size)
+    writer.add_file_type(file_type)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def _write_vocabulary(gguf, writer, vocabulary: Optional[Sequence[str]], vocab_size: int) -> None:
+    """A character vocabulary (the demo's CharTokenizer: id 0 unknown, then one character per
+    id) as a SentencePiece-style ("llama") vocabulary whose pieces are the characters, space
+    written as SentencePiece's "▁"; none: llama.cpp's no-vocabulary mode (token ids only)."""
+    if vocabulary is None:
+        writer.add_tokenizer_model("none")
+        return
+    pieces = ["<unk>", *("\u2581" if c == " " else c for c in vocabulary)]
+    if len(pieces) != vocab_size:
+        raise ExportError(f"the vocabulary has {len(pieces)} tokens (<unk> + {len(vocabulary)} characters) but the model {vocab_size}")
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(pieces)
+    writer.add_token_scores([0.0] * len(pieces))
+    writer.add_token_types([gguf.TokenType.UNKNOWN] + [gguf.TokenType.NORMAL] * (len(pieces) - 1))
+    for setter in (writer.add_unk_token_id, writer.add_bos_token_id, writer.add_eos_token_id):
+        setter(0)  # a character vocabulary has no special tokens; id 0 is its "unknown"
+    writer.add_add_bos_token(False)
+    writer.add_add_eos_token(False)
+    writer.add_add_space_prefix(False)
+
+
+def gguf(
+    converted: torch.nn.Module,
+    path: Union[str, os.PathLike],
+    *,
+    config: Any = None,
+    embeddings: str = "q8_0",
+    output: str = "q8_0",
+    vocabulary: Optional[Sequence[str]] = None,
+    allow_rounding: bool = False,
+    verify: bool = True,
+    name: str = "qatfx",
+) -> GGUFExport:
+    """Write `converted` (from convert_pt2e; a Llama: HF LlamaForCausalLM or the demo's CausalLM)
+    to `path` as GGUF. Quantized layers: Q4_0 (int4) / Q8_0 (int8) from the trained codes.
+    Float embeddings / a float output head: `embeddings` / `output` in "q8_0" (llama.cpp's QAT
+    checkpoints keep them there), "f16" or "f32"; norms F32. `config`: the model's LlamaConfig
+    or LMConfig when `converted` does not carry one (a whole-model capture). `vocabulary`: a
+    character vocabulary (the demo's); None writes no tokenizer (llama.cpp then takes token ids).
+    verify: read the file back and check every tensor (see verify_gguf)."""
+    for what, kind in (("embeddings", embeddings), ("output", output)):
+        if kind not in FLOAT_TYPES:
+            raise ValueError(f"{what}={kind!r}: choose one of {FLOAT_TYPES}")
+    gguf_module = _gguf()
+    try:
+        hp = llama_hparams(config_of(converted, config))
+        tensors, rounded, quantized = _collect(gguf_module, converted, hp, embeddings, output, allow_rounding)
+    except (UnsupportedModel, ValueError) as exc:
+        if isinstance(exc, ExportError):
+            raise
+        raise ExportError(f"cannot write this model as GGUF: {exc}") from exc
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = gguf_module.GGUFWriter(str(path), "llama")
+    _write_metadata(gguf_module, writer, hp, name, gguf_module.LlamaFileType.MOSTLY_Q4_0)
+    _write_vocabulary(gguf_module, writer, vocabulary, hp.vocab_size)
+    for tensor_name, tensor in tensors.items():
+        writer.add_tensor(tensor_name, tensor.data, raw_dtype=tensor.ggml_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    report = GGUFExport(
+        path, quantized, rounded, {n: t.ggml_type.name for n, t in tensors.items()}, bytes=path.stat().st_size,
+    )
+    report.differences = _differences(converted, tensors)
+    if verify:
+        report.verified = verify_gguf(path, {n: t.expected for n, t in tensors.items() if t.exact})
+    for line in report.lines():
+        logger.info(line)
+    return report
+
+
+def _differences(converted, tensors: dict) -> list:
+    """What llama.cpp computes differently from the converted model (beyond float order)."""
+    from qatfx.summary import summary
+
+    found = []
+    inputs = {r.input_spec for r in summary(getattr(converted, "_orig_mod", converted)).quantized if r.op != "embedding"}
+    for spec in inputs:
+        if spec is None:
+            found.append("activations: trained in float (weight-only); llama.cpp's CPU path quantizes them to Q8_0 for the dot product")
+        elif not (spec.symmetric and spec.bits == 8 and spec.group_size == BLOCK):
+            found.append(
+                f"activations: trained as {spec.describe()}; llama.cpp's CPU path quantizes them as Q8_0 (symmetric int8 per 32 "
+                "along K, fp16 scale); train with qatfx.LlamaCppQuantizer to match it"
+            )
+    rounded = [n for n, t in tensors.items() if not t.exact and t.ggml_type.name != "F32"]
+    if rounded:
+        found.append(f"float tensors stored rounded ({', '.join(rounded)}): Q8_0/F16 as chosen by embeddings= / output=")
+    return found
+
+
+def verify_gguf(path: Union[str, os.PathLike], expected: dict) -> int:
+    """Read `path` back with the gguf package, dequantize each tensor in `expected` with gguf's
+    own dequantizer and require it equal to the expected values bit for bit. Returns how many
+    tensors were checked; raises VerificationError naming the first that differs."""
+    gguf_module = _gguf()
+    reader = gguf_module.GGUFReader(str(path))
+    found = {t.name: t for t in reader.tensors}
+    missing = sorted(set(expected) - set(found))
+    if missing:
+        raise VerificationError(f"{path} lacks tensors {missing}")
+    for name, values in expected.items():
+        tensor = found[name]
+        got = gguf_module.quants.dequantize(tensor.data, tensor.tensor_type)
+        got = torch.from_numpy(np.array(got, dtype=np.float32)).reshape(values.shape)  # a writable copy
+        if not torch.equal(got, values):
+            diff = (got - values).abs()
+            raise VerificationError(
+                f"{path}: tensor {name} ({tensor.tensor_type.name}) dequantizes to other values than the converted model's: "
+                f"{int((diff > 0).sum())} of {values.numel()} differ, max {diff.max().item():.3g}"
+            )
+    return len(expected)
