@@ -4,6 +4,7 @@
     qatfx finetune --model HF_DIR|builtin:charlm --text FILE --out DIR [--group-size G] ...
     qatfx eval --model OUT|HF_DIR|builtin:charlm --text FILE [--seq-len N]
     qatfx export --format executorch --model DIR --out FILE.pte [--min-agreement X] [--max-relative-error E] [--no-verify]
+    qatfx export --format gguf --model DIR --out FILE.gguf [--embeddings q8_0|f16|f32] [--output ...] [--allow-rounding] [--no-verify]
     qatfx verify FILE.pte --model DIR [--min-agreement X] [--max-relative-error E]
 
 Bad arguments (a missing or non-text file, a group size that does not divide the model's
@@ -79,11 +80,15 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--text", type=Path, required=True)
     evaluate.add_argument("--seq-len", type=_positive_int, help="window length (default: the finetune output's, else 128)")
 
-    export = commands.add_parser("export", help="write a converted model as a serving-runtime program (ExecuTorch .pte, XNNPACK) and verify it")
-    export.add_argument("--format", choices=("executorch",), default="executorch")
-    export.add_argument("--model", type=Path, required=True, help="a qatfx.save directory or a `qatfx finetune` output")
-    export.add_argument("--out", type=Path, required=True, help="the .pte file to write")
-    export.add_argument("--no-verify", action="store_true", help="skip running the .pte against the converted model")
+    export = commands.add_parser("export", help="write a converted model for a serving runtime (ExecuTorch .pte, llama.cpp GGUF) and verify it")
+    export.add_argument("--format", choices=tuple(EXPORT_SUFFIXES), default="executorch")
+    export.add_argument("--model", type=Path, required=True, help="a qatfx.save directory or a `qatfx finetune` output (gguf: a finetune output)")
+    export.add_argument("--out", type=Path, required=True, help="the file to write (.pte, .gguf)")
+    export.add_argument("--no-verify", action="store_true", help="skip checking the written file against the converted model")
+    export.add_argument("--embeddings", choices=("q8_0", "f16", "f32"), default="q8_0", help="gguf: a float embedding table's type")
+    export.add_argument("--output", choices=("q8_0", "f16", "f32"), default="q8_0", help="gguf: a float output head's type")
+    export.add_argument("--allow-rounding", action="store_true",
+                       help="gguf: write layers whose trained grid GGUF cannot hold (rounded), reporting how many weights moved")
     _add_thresholds(export)
 
     verify = commands.add_parser("verify", help="run a .pte in ExecuTorch's runtime and the converted model on held-out inputs; compare logits")
@@ -126,10 +131,13 @@ def _check_converted_dir(parser: argparse.ArgumentParser, model: Path) -> None:
     parser.error(f"--model {model}: no {MANIFEST}; give a directory written by qatfx.save or `qatfx finetune`")
 
 
+EXPORT_SUFFIXES = {"executorch": ".pte", "gguf": ".gguf"}
+
+
 def _check_export_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     _check_converted_dir(parser, args.model)
-    if args.command == "export" and args.out.suffix != ".pte":
-        parser.error(f"--out {args.out}: give a file name ending in .pte (ExecuTorch loads programs by that name)")
+    if args.command == "export" and args.out.suffix != EXPORT_SUFFIXES[args.format]:
+        parser.error(f"--out {args.out}: give a file name ending in {EXPORT_SUFFIXES[args.format]} for --format {args.format}")
     if args.command == "verify" and not args.pte.is_file():
         parser.error(f"{args.pte}: no such .pte file; pass the file `qatfx export` wrote")
 
@@ -165,7 +173,9 @@ def _export_or_verify(args: argparse.Namespace) -> int:
     thresholds = dict(min_next_token_agreement=args.min_agreement, max_relative_error=args.max_relative_error)
     try:
         model = qatfx.load(args.model)
-        if args.command == "export":
+        if args.command == "export" and args.format == "gguf":
+            sys.stdout.write("\n".join(_export_gguf(model, args).lines()) + "\n")
+        elif args.command == "export":
             sys.stdout.write(f"{executorch(model, args.out, verify=not args.no_verify, **thresholds)}\n")
         else:
             example, kwargs = default_example_inputs(model)  # the inputs `qatfx export` exported with
@@ -177,6 +187,17 @@ def _export_or_verify(args: argparse.Namespace) -> int:
         return 1
     except ExportError as error:
         raise ValueError(str(error)) from error  # main reports it with exit code 2
+
+
+def _export_gguf(model, args: argparse.Namespace):
+    from qatfx.export import gguf
+    from qatfx.recipes.finetune import export_context
+
+    context = export_context(args.model)
+    return gguf(
+        model, args.out, config=context.config, vocabulary=context.vocabulary, embeddings=args.embeddings,
+        output=args.output, allow_rounding=args.allow_rounding, verify=not args.no_verify,
+    )
 
 
 def _run(args: argparse.Namespace) -> int:

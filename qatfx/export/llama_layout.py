@@ -27,6 +27,8 @@ _CAUSAL_LM_NAMES = (
 )
 # computed buffers a file does not carry (the loader recomputes them from the hyperparameters)
 _DERIVED = re.compile(r"(^|\.)(rope_cos|rope_sin|inv_freq|original_inv_freq)$")
+# `qatfx finetune` holds a transformers model as `lm` inside its LogitsOnly wrapper
+_FINETUNE_WRAPPER = re.compile(r"^lm\.(?=model\.|lm_head\.)")
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,7 @@ def hf_name(name: str) -> Optional[str]:
     """A tensor's Hugging Face Llama name; None for a derived buffer (RoPE tables)."""
     if _DERIVED.search(name):
         return None
+    name = _FINETUNE_WRAPPER.sub("", name)
     if name.startswith(("model.", "lm_head.")):
         return name
     for pattern, replacement in _CAUSAL_LM_NAMES:

@@ -274,6 +274,43 @@ def load_finetuned(directory: Path) -> tuple[nn.Module, Tokenizer, dict]:
     return qatfx.load(directory), Tokenizer.from_json(sidecar["tokenizer"], directory), sidecar
 
 
+@dataclass(frozen=True)
+class ExportContext:
+    """What file-format exports need besides the converted model: its architecture config,
+    its character vocabulary (builtin:charlm) or its transformers tokenizer directory."""
+
+    config: Any
+    vocabulary: Optional[tuple] = None
+    tokenizer_dir: Optional[Path] = None
+
+
+def export_context(directory: Path) -> ExportContext:
+    """The ExportContext of a `finetune` output, from its sidecar: builtin models rebuild their
+    config; a transformers model's config is read from the checkpoint it was fine-tuned from."""
+    directory = Path(directory)
+    if not (directory / SIDECAR).exists():
+        raise ValueError(
+            f"{directory} has no {SIDECAR}: GGUF and HF exports need the model's config and tokenizer, which a "
+            "`qatfx finetune` output records; from Python, call qatfx.export.gguf / qatfx.export.hf with config="
+        )
+    sidecar = json.loads((directory / SIDECAR).read_text())
+    tokenizer = sidecar["tokenizer"]
+    if sidecar["model"] in BUILTIN_MODELS:
+        chars = CharTokenizer.from_json(json.dumps(tokenizer))
+        config = LMConfig(vocab_size=chars.vocab_size, **BUILTIN_MODELS[sidecar["model"]])
+        return ExportContext(config, vocabulary=tuple(chars.chars))
+    from transformers import AutoConfig
+
+    source = Path(sidecar["model"])
+    if not (source / "config.json").exists():
+        raise ValueError(
+            f"{directory} was fine-tuned from {source}, whose config.json is not here; GGUF and HF exports read the "
+            "architecture from it: make that checkpoint available at this path"
+        )
+    tokenizer_dir = directory / tokenizer["directory"] if tokenizer["kind"] == "hf" else None
+    return ExportContext(AutoConfig.from_pretrained(source), tokenizer_dir=tokenizer_dir)
+
+
 def is_finetune_output(directory: Path) -> bool:
     return any((Path(directory) / name).exists() for name in (MANIFEST, OLD_METADATA, SIDECAR))
 

@@ -1,0 +1,180 @@
+"""qatfx.export.gguf: a converted Llama -> GGUF whose Q4_0 blocks hold the trained codes and
+scales; read back with the gguf package's own dequantizer, every mapped tensor equals the
+converted model's, bit for bit."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import qatfx
+from qatfx.export import ExportError
+from qatfx.export.gguf import gguf, gguf_name, rotary_rows
+from qatfx.export.gguf_blocks import q4_0_bytes, q8_0_bytes
+from qatfx.export.weights import converted_tensors
+from qatfx.recipes.model import CausalLM, LMConfig
+from tests.model_zoo import BY_NAME
+from tests.models import tokens
+
+gguf_package = pytest.importorskip("gguf", reason="the gguf extra: pip install -e '.[gguf]'")
+Q4_0 = gguf_package.GGMLQuantizationType.Q4_0
+
+LLAMA_STYLE = LMConfig(vocab_size=96, dim=64, layers=2, heads=4, kv_heads=2, hidden=128, tie_embeddings=True)
+FP16_8DA4W = qatfx.Int8DynActInt4WeightQuantizer(32, scales_precision=torch.float16)
+
+
+def _train(prepared, vocab, steps=2):
+    """A few compiled QAT steps, so the grid is a trained one, not the initialization's."""
+    opt = torch.optim.AdamW(prepared.parameters(), lr=1e-3)
+    forward = torch.compile(prepared)
+    for step in range(steps):
+        ids = tokens(2, 8, vocab, 10 + step)
+        out = forward(ids)
+        logits = getattr(out, "logits", out)
+        torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def _dequantized(data: np.ndarray, qtype, shape) -> torch.Tensor:
+    return torch.from_numpy(np.array(gguf_package.quants.dequantize(data, qtype), dtype=np.float32)).reshape(shape)
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_q4_0_blocks_hold_the_codes_and_scales(group_size):
+    """gguf's own Q4_0 dequantizer reads q4_0_bytes as codes * scale exactly: nibble order,
+    the +8 offset and a group's scale repeated over its 32-blocks."""
+    gen = torch.Generator().manual_seed(group_size)
+    codes = torch.randint(-8, 8, (6, 256), generator=gen, dtype=torch.int8)
+    scales = (torch.rand(6, 256 // group_size, generator=gen) + 0.01).to(torch.float16)
+    expected = codes.float() * scales.float().repeat_interleave(group_size, dim=1)
+    assert torch.equal(_dequantized(q4_0_bytes(codes, scales, group_size), Q4_0, codes.shape), expected)
+
+
+def test_q8_0_blocks_hold_the_codes_and_scales():
+    gen = torch.Generator().manual_seed(0)
+    codes = torch.randint(-128, 128, (4, 128), generator=gen, dtype=torch.int8)
+    scales = torch.rand(4, 1, generator=gen).to(torch.float16)  # per row: one scale for 4 blocks
+    expected = codes.float() * scales.float()
+    got = _dequantized(q8_0_bytes(codes, scales, 128), gguf_package.GGMLQuantizationType.Q8_0, codes.shape)
+    assert torch.equal(got, expected)
+
+
+def test_rotary_rows_is_convert_hf_to_gguf_permute():
+    """llama.cpp's `LlamaModel.permute(weights, n_head, n_head_kv)`, written out in numpy."""
+    weights = np.arange(32 * 3).reshape(32, 3)
+    heads = 4
+    reference = weights.reshape(heads, 2, 32 // heads // 2, 3).swapaxes(1, 2).reshape(32, 3)
+    assert np.array_equal(rotary_rows(torch.from_numpy(weights), heads).numpy(), reference)
+    assert sorted(rotary_rows(torch.arange(32), heads).tolist()) == list(range(32))  # a permutation
+
+
+def test_tensor_names_are_llama_cpps():
+    assert gguf_name("model.layers.3.self_attn.q_proj.weight") == "blk.3.attn_q.weight"
+    assert gguf_name("model.layers.0.post_attention_layernorm.weight") == "blk.0.ffn_norm.weight"
+    assert gguf_name("model.embed_tokens.weight") == "token_embd.weight"
+    assert gguf_name("lm_head.weight") == "output.weight"
+
+
+@pytest.fixture(scope="module")
+def llama_style(tmp_path_factory):
+    """The demo's model family, tied embeddings, GQA, trained two compiled QAT steps in fp16 scales."""
+    torch.manual_seed(0)
+    model = CausalLM(LLAMA_STYLE)
+    prepared = qatfx.prepare_pt2e(model, FP16_8DA4W, (tokens(2, 8, 96),)).train()
+    _train(prepared, 96)
+    converted = qatfx.convert_pt2e(prepared.eval())
+    vocabulary = [chr(32 + i) for i in range(95)]
+    report = gguf(converted, tmp_path_factory.mktemp("gguf") / "model.gguf", config=LLAMA_STYLE, vocabulary=vocabulary)
+    return model, converted, report
+
+
+def test_every_linear_is_q4_0_with_the_trained_grid(llama_style):
+    _, converted, report = llama_style
+    assert report.quantized_layers == 15 and report.rounded == {}
+    types = report.tensor_types
+    assert types["output.weight"] == "Q4_0"  # the head is a quantized linear; the float table is tied to it
+    assert types["token_embd.weight"] == "Q8_0" and types["output_norm.weight"] == "F32"
+    assert sum(t == "Q4_0" for t in types.values()) == 15
+    # everything but the Q8_0 embedding read back and compared bit for bit inside gguf()
+    assert report.verified == len(types) - 1
+    assert report.bytes == report.path.stat().st_size
+
+
+def test_read_back_q_proj_is_converts_codes_in_llama_cpp_row_order(llama_style):
+    """Independently of the exporter's own check: un-permute blk.0.attn_q and compare with the
+    converted model's dequantized weight."""
+    _, converted, report = llama_style
+    reader = gguf_package.GGUFReader(str(report.path))
+    tensor = next(t for t in reader.tensors if t.name == "blk.0.attn_q.weight")
+    weight = converted_tensors(converted).quantized["blocks.0.q_proj.weight"]
+    got = _dequantized(tensor.data, tensor.tensor_type, weight.shape)
+    assert torch.equal(got, rotary_rows(weight.dequantized(), LLAMA_STYLE.heads))
+    fields = reader.fields
+    assert bytes(fields["general.architecture"].parts[-1]).decode() == "llama"
+    assert int(fields["llama.attention.head_count_kv"].parts[-1][0]) == 2
+    assert int(fields["llama.block_count"].parts[-1][0]) == 2
+
+
+def test_the_report_names_what_llama_cpp_computes_differently(llama_style):
+    _, _, report = llama_style
+    assert any("Q8_0" in d and "LlamaCppQuantizer" in d for d in report.differences)  # 8da4w activations
+    assert any("token_embd.weight" in d for d in report.differences)  # the float table, stored Q8_0
+
+
+@pytest.mark.parametrize("regions", ["auto", None], ids=["region_capture", "whole_graph"])
+def test_hf_llama_exports_verified(tmp_path, regions):
+    model, vocab = BY_NAME["hf_llama"].build()
+    ids = tokens(2, 8, vocab, 0)
+    kwargs = {"regions": "auto"} if regions else {"example_kwargs": {"use_cache": False}}
+    converted = qatfx.convert_pt2e(qatfx.prepare_pt2e(model, FP16_8DA4W, (ids,), **kwargs).eval())
+    config = None if regions else model.config  # a whole-graph capture carries no config
+    report = gguf(converted, tmp_path / "hf.gguf", config=config, embeddings="f16")
+    assert report.quantized_layers == 15 and report.tensor_types["token_embd.weight"] == "F16"
+    assert report.verified == len(report.tensor_types) - 1  # all but the f16 table
+
+
+def test_unmappable_layers_are_named_and_rounding_is_reported(tmp_path):
+    model = CausalLM(LLAMA_STYLE)
+    fp32 = qatfx.Int8DynActInt4WeightQuantizer(32)  # float32 scales: fp16 rounds most of them
+    converted = qatfx.convert_pt2e(qatfx.prepare_pt2e(model, fp32, (tokens(2, 8, 96),)).eval())
+    with pytest.raises(ExportError, match=r"(?s)blocks\.0\.q_proj\.weight: \d+ of \d+ float32 scales are not fp16 values.*allow_rounding=True"):
+        gguf(converted, tmp_path / "r.gguf", config=LLAMA_STYLE)
+    assert not (tmp_path / "r.gguf").exists()
+    report = gguf(converted, tmp_path / "r.gguf", config=LLAMA_STYLE, allow_rounding=True)
+    assert report.quantized_layers == 0 and len(report.rounded) == 15
+    assert all(moved > 0 for _, moved in report.rounded.values())
+
+    g16 = qatfx.Int8DynActInt4WeightQuantizer(16, scales_precision=torch.float16)
+    converted = qatfx.convert_pt2e(qatfx.prepare_pt2e(model, g16, (tokens(2, 8, 96),)).eval())
+    with pytest.raises(ExportError, match="group size 16 is not a multiple of 32"):
+        gguf(converted, tmp_path / "g.gguf", config=LLAMA_STYLE)
+
+
+def test_bfloat16_scales_are_fp16_values(tmp_path):
+    """bf16's 8-bit mantissa fits in fp16's 11 bits: a model trained for ExecuTorch (bf16
+    scales) maps to Q4_0 exactly while its scales stay in fp16's normal range (>= 2^-14)."""
+    model = CausalLM(LLAMA_STYLE)
+    bf16 = qatfx.Int8DynActInt4WeightQuantizer(32, scales_precision=torch.bfloat16)
+    converted = qatfx.convert_pt2e(qatfx.prepare_pt2e(model, bf16, (tokens(2, 8, 96),)).eval())
+    scales = [w.scales for w in converted_tensors(converted).quantized.values()]
+    assert all(s.dtype == torch.bfloat16 and float(s.min()) >= 2**-14 for s in scales)
+    report = gguf(converted, tmp_path / "bf16.gguf", config=LLAMA_STYLE)
+    assert report.quantized_layers == 15 and report.rounded == {} and report.verified == 20
+
+
+def test_models_it_cannot_write_are_refused(tmp_path):
+    model = CausalLM(LLAMA_STYLE)
+    prepared = qatfx.prepare_pt2e(model, FP16_8DA4W, (tokens(2, 8, 96),))
+    with pytest.raises(ExportError, match="convert it first"):
+        gguf(prepared, tmp_path / "p.gguf", config=LLAMA_STYLE)
+    converted = qatfx.convert_pt2e(prepared.eval())
+    with pytest.raises(ExportError, match="pass config="):
+        gguf(converted, tmp_path / "c.gguf")
+    biased = LMConfig(vocab_size=96, dim=64, layers=2, hidden=128, o_proj_bias=True)
+    with pytest.raises(ExportError, match="o_proj_bias=False"):
+        gguf(converted, tmp_path / "b.gguf", config=biased)
+    with pytest.raises(ValueError, match="embeddings='q4'"):
+        gguf(converted, tmp_path / "e.gguf", config=LLAMA_STYLE, embeddings="q4")
+    assert not list(tmp_path.iterdir())
