@@ -1,6 +1,6 @@
 """The `qatfx` command (also `python -m qatfx`).
 
-    qatfx demo [--preset tiny|default|full] [--seeds N] [--text FILE] [--out DIR]
+    qatfx demo [--preset tiny|default|full] [--seeds N] [--text FILE] [--out DIR] [--export executorch,gguf]
     qatfx finetune --model HF_DIR|builtin:charlm --text FILE --out DIR [--group-size G] ...
     qatfx eval --model OUT|HF_DIR|builtin:charlm --text FILE [--seq-len N]
     qatfx export --format executorch --model DIR --out FILE.pte [--min-agreement X] [--max-relative-error E] [--no-verify]
@@ -42,6 +42,17 @@ def _non_negative(value: str) -> float:
     return number
 
 
+def _export_formats(value: str) -> tuple:
+    from qatfx.recipes.deploy import FILE_FORMATS
+
+    formats = tuple(f.strip() for f in value.split(",") if f.strip())
+    known = ("executorch", *FILE_FORMATS)
+    unknown = [f for f in formats if f not in known]
+    if unknown or not formats:
+        raise argparse.ArgumentTypeError(f"{value!r}: choose a comma-separated subset of {', '.join(known)}")
+    return formats
+
+
 def _add_thresholds(command: argparse.ArgumentParser) -> None:
     from qatfx.export.verify import DEFAULT_MAX_RELATIVE_ERROR, DEFAULT_MIN_NEXT_TOKEN_AGREEMENT
 
@@ -62,6 +73,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=Path, default=Path("qatfx_demo"), help="report directory (default: qatfx_demo)")
     demo.add_argument("--cache-dir", type=Path, help="corpus and float-model cache (default: $QATFX_CACHE_DIR or ~/.cache/qatfx)")
     demo.add_argument("--no-export", action="store_true", help="skip the last step: the int4 g32 QAT model as a verified ExecuTorch .pte")
+    demo.add_argument("--export", type=_export_formats, default=("executorch",), metavar="FORMATS",
+                      help="the last step's formats, comma-separated: executorch (default), gguf")
 
     finetune = commands.add_parser("finetune", help="QAT-fine-tune your causal LM on your text (and a float control, for the same steps), then convert")
     finetune.add_argument("--model", required=True, help="a transformers checkpoint directory, or builtin:charlm")
@@ -205,7 +218,8 @@ def _run(args: argparse.Namespace) -> int:
         from qatfx.recipes.demo import run_demo
         from qatfx.recipes.report import markdown_report, write_report
 
-        result = run_demo(args.preset, args.seeds, args.text, args.cache_dir, export_dir=None if args.no_export else args.out)
+        result = run_demo(args.preset, args.seeds, args.text, args.cache_dir, export_dir=None if args.no_export else args.out,
+                          export_formats=args.export)
         paths = write_report(result, args.out)
         sys.stdout.write(markdown_report(result) + "\n" + "\n".join(f"{k}: {p}" for k, p in paths.items()) + "\n")
         return 0

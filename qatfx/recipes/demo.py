@@ -31,7 +31,7 @@ import torch
 
 import qatfx
 from qatfx.recipes.corpus import CharTokenizer, corpus_text, default_cache_dir, split_text
-from qatfx.recipes.deploy import DeployResult, export_and_time
+from qatfx.recipes.deploy import DeployResult, export_and_time, export_files
 from qatfx.recipes.model import CausalLM, LMConfig, parameter_count
 from qatfx.recipes.train import TrainConfig, perplexity, train
 from qatfx.spec import PerChannel, PerGroup, QuantSpec, int8_per_token_activation
@@ -127,6 +127,7 @@ class DemoResult:
     curves: dict[str, list[float]]
     seconds: float
     deploy: Optional[DeployResult] = None
+    file_exports: dict = field(default_factory=dict)  # format -> the export report's lines
 
 
 def _module_bytes(module: torch.nn.Module) -> int:
@@ -163,8 +164,10 @@ def run_demo(
     text_path: Optional[Path] = None,
     cache_dir: Optional[Path] = None,
     export_dir: Optional[Path] = None,
+    export_formats: tuple = ("executorch",),
 ) -> DemoResult:
-    """export_dir: write the int4 g32 QAT model's `.pte` there (the deploy step); None skips it."""
+    """export_dir: write the int4 g32 QAT model there (the deploy step) in `export_formats`
+    ("executorch": a timed `.pte`; "gguf": a verified file); None skips it."""
     started = time.perf_counter()
     preset = PRESETS[preset_name]
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
@@ -208,13 +211,17 @@ def run_demo(
             row.converted_bytes = _module_bytes(converted)
             if name == DEPLOYED_SCHEME:
                 deployable = (converted, control)
-    deploy = None
+    deploy, file_exports = None, {}
     if export_dir is not None and DEPLOYED_SCHEME in preset.schemes:
-        deploy = export_and_time(DEPLOYED_SCHEME, *deployable, example, Path(export_dir))
+        if "executorch" in export_formats:
+            deploy = export_and_time(DEPLOYED_SCHEME, *deployable, example, Path(export_dir))
+        files = [f for f in export_formats if f != "executorch"]
+        file_exports = export_files(files, deployable[0], config, tokenizer.chars, Path(export_dir))
     return DemoResult(
         preset=preset_name, seeds=list(range(seeds)), corpus=source, model=config.to_dict(),
         parameters=parameter_count(base), float_bytes=_module_bytes(base), float_ppl=float_ppl,
         rows=list(rows.values()), curves=curves, seconds=time.perf_counter() - started, deploy=deploy,
+        file_exports=file_exports,
     )
 
 

@@ -1,5 +1,6 @@
 """The demo's last step: its QAT model as an ExecuTorch program (XNNPACK), verified against
-the converted model, and its next-token rate next to the float model's."""
+the converted model, and its next-token rate next to the float model's; and, on request,
+as files for other runtimes (GGUF for llama.cpp), each with its verifier's lines."""
 
 from __future__ import annotations
 
@@ -60,3 +61,25 @@ def export_and_time(scheme: str, converted: torch.nn.Module, float_model: torch.
         relative_error=report.verification.relative_error, next_token_agreement=report.verification.next_token_agreement,
         window=tuple(example.shape), float_tokens_per_s=float_rate, pte_tokens_per_s=pte_rate,
     )
+
+
+FILE_FORMATS = ("gguf",)
+
+
+def export_files(formats, converted: torch.nn.Module, config, vocabulary, out_dir: Path) -> dict:
+    """{format: the export report's lines} for each requested file format; a format whose
+    extra is missing, or that cannot write this model, gets the reason instead."""
+    import qatfx.export
+
+    lines = {}
+    for fmt in formats:
+        try:
+            if fmt == "gguf":
+                # The demo trains float32 scales, which Q4_0 stores in fp16: written rounded, with
+                # the count of weights that moved (LlamaCppQuantizer trains an exact file).
+                report = qatfx.export.gguf(converted, out_dir / "qat.gguf", config=config, vocabulary=vocabulary, allow_rounding=True)
+                lines[fmt] = report.lines()
+        except qatfx.export.ExportError as exc:
+            log.warning("qatfx demo: skipping the %s export: %s", fmt, exc)
+            lines[fmt] = [f"skipped: {exc}"]
+    return lines

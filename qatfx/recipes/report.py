@@ -11,7 +11,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from qatfx.recipes.demo import DemoResult, mean_and_spread, recovered
+from qatfx.recipes.demo import DEPLOYED_SCHEME, DemoResult, mean_and_spread, recovered
 
 
 def _fmt(values: list[float]) -> str:
@@ -83,6 +83,7 @@ def markdown_report(result: DemoResult) -> str:
         markdown_table(result),
         "",
         *_deploy_lines(result.deploy),
+        *_file_export_lines(result.file_exports),
     ])
 
 
@@ -100,6 +101,13 @@ def _deploy_lines(deploy) -> list:
         f"({deploy.pte_tokens_per_s / deploy.float_tokens_per_s:.2f}x)",
         "",
     ]
+
+
+def _file_export_lines(file_exports: dict) -> list:
+    out = []
+    for fmt, lines in file_exports.items():
+        out += [f"## Exported: the {DEPLOYED_SCHEME} QAT model as {fmt.upper()}", "", "```", *lines, "```", ""]
+    return out
 
 
 def write_report(result: DemoResult, out_dir: Path) -> dict[str, Path]:

@@ -37,6 +37,7 @@ def exit_code_and_stderr(capsys, argv):
         (lambda tmp: ["finetune", "--model", "builtin:charlm", "--text", str(_text(tmp)), "--out", str(tmp / "o"),
                       "--group-size", "48"], "group size 48 does not divide"),
         (lambda tmp: ["demo", "--seeds", "0"], "must be a positive integer"),
+        (lambda tmp: ["demo", "--export", "executorch,onnx"], "choose a comma-separated subset of executorch, gguf"),
         (lambda tmp: ["finetune", "--model", "builtin:charlm", "--text", str(_text(tmp)), "--out", str(tmp / "o"),
                       "--steps", "5", "--fake-quant-after", "5"], "QAT would never train with fake-quant"),
         # model_zoo's GPT-2 has 64 positions; the default --seq-len is 128
@@ -49,7 +50,7 @@ def exit_code_and_stderr(capsys, argv):
          "finetune starts from a float transformers checkpoint"),
         (lambda tmp: ["eval", "--model", str(_damaged_save(tmp)), "--text", str(_text(tmp))], "weights.safetensors is missing"),
     ],
-    ids=["missing-file", "binary-file", "not-a-checkpoint", "group-size", "zero-seeds", "fake-quant-after-steps",
+    ids=["missing-file", "binary-file", "not-a-checkpoint", "group-size", "zero-seeds", "unknown-export-format", "fake-quant-after-steps",
          "seq-len-past-context", "no-tokenizer-small-vocab", "eval-old-layout", "finetune-of-an-output", "eval-damaged-save"],
 )
 def test_bad_arguments_exit_2_with_a_clear_message(tmp_path, capsys, make_argv, message):
@@ -101,7 +102,8 @@ def _text(tmp: Path) -> Path:
 
 def test_tiny_demo_report(tmp_path, text_file, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--preset", "tiny", "--text", str(text_file), "--out", str(out), "--cache-dir", str(tmp_path / "cache")]) == 0
+    argv = ["demo", "--preset", "tiny", "--text", str(text_file), "--out", str(out), "--cache-dir", str(tmp_path / "cache")]
+    assert main([*argv, "--export", "executorch,gguf"]) == 0
     assert "| int4 g32 |" in capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
     assert {"corpus", "model", "parameters", "float_bytes", "float_ppl", "rows", "curves"} <= report.keys()
@@ -119,3 +121,9 @@ def test_tiny_demo_report(tmp_path, text_file, capsys):
     assert deploy["next_token_agreement"] >= 0.9 and deploy["relative_error"] <= 0.1
     assert deploy["float_tokens_per_s"] > 0 and deploy["pte_tokens_per_s"] > 0
     assert "## Deployed: int4 g32 QAT model" in (out / "report.md").read_text()
+    # --export gguf: written (the demo's float32 scales rounded to fp16, reported) and verified
+    gguf_lines = report["file_exports"]["gguf"]
+    assert (out / "qat.gguf").stat().st_size > 0
+    assert sum(line.startswith("  rounded: ") and "weights moved" in line for line in gguf_lines) == 8
+    assert any(line.startswith("  verified:") for line in gguf_lines)
+    assert "## Exported: the int4 g32 QAT model as GGUF" in (out / "report.md").read_text()
