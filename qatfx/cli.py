@@ -208,8 +208,8 @@ def _export_gguf(model, args: argparse.Namespace):
 
     context = export_context(args.model)
     return gguf(
-        model, args.out, config=context.config, vocabulary=context.vocabulary, embeddings=args.embeddings,
-        output=args.output, allow_rounding=args.allow_rounding, verify=not args.no_verify,
+        model, args.out, config=context.config, vocabulary=context.vocabulary, tokenizer_dir=context.tokenizer_dir,
+        embeddings=args.embeddings, output=args.output, allow_rounding=args.allow_rounding, verify=not args.no_verify,
     )
 
 

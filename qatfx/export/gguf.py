@@ -230,6 +230,40 @@ def _write_vocabulary(gguf, writer, vocabulary: Optional[Sequence[str]], vocab_s
     writer.add_add_space_prefix(False)
 
 
+def _write_hf_tokenizer(gguf, writer, directory: Path, vocab_size: int) -> None:
+    """A transformers tokenizer directory, as convert_hf_to_gguf writes it: a GPT-2-style
+    byte-level BPE (tokenizer.json), a Llama BPE with byte fallback (tokenizer.json) or a
+    SentencePiece model (tokenizer.model); ids past the tokenizer's up to the model's
+    vocabulary become unused padding tokens."""
+    vocab = None
+    for kind in (gguf.vocab.BpeVocab, gguf.vocab.LlamaHfVocab, gguf.vocab.SentencePieceVocab):
+        try:
+            vocab = kind(directory)
+            break
+        except (FileNotFoundError, TypeError):
+            continue
+    if vocab is None:
+        raise ExportError(f"{directory}: no tokenizer.json (BPE) or tokenizer.model (SentencePiece) that GGUF can hold")
+    tokens, scores, types = [], [], []
+    for text, score, token_type in vocab.all_tokens():
+        tokens.append(text)
+        scores.append(score)
+        types.append(token_type)
+    if len(tokens) > vocab_size:
+        raise ExportError(f"{directory}: the tokenizer has {len(tokens)} tokens, more than the model's {vocab_size} embeddings")
+    for i in range(len(tokens), vocab_size):
+        tokens.append(f"[PAD{i}]".encode())
+        scores.append(-1000.0)
+        types.append(gguf.TokenType.UNUSED)
+    writer.add_tokenizer_model(vocab.tokenizer_model)
+    if vocab.tokenizer_model == "gpt2":
+        writer.add_tokenizer_pre("default")  # llama.cpp's GPT-2 pre-tokenizer regex
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    gguf.SpecialVocab(directory, load_merges=vocab.tokenizer_model == "gpt2", n_vocab=vocab_size).add_to_gguf(writer, quiet=True)
+
+
 def gguf(
     converted: torch.nn.Module,
     path: Union[str, os.PathLike],
@@ -238,6 +272,7 @@ def gguf(
     embeddings: str = "q8_0",
     output: str = "q8_0",
     vocabulary: Optional[Sequence[str]] = None,
+    tokenizer_dir: Optional[Union[str, os.PathLike]] = None,
     allow_rounding: bool = False,
     verify: bool = True,
     name: str = "qatfx",
@@ -247,11 +282,14 @@ def gguf(
     Float embeddings / a float output head: `embeddings` / `output` in "q8_0" (llama.cpp's QAT
     checkpoints keep them there), "f16" or "f32"; norms F32. `config`: the model's LlamaConfig
     or LMConfig when `converted` does not carry one (a whole-model capture). `vocabulary`: a
-    character vocabulary (the demo's); None writes no tokenizer (llama.cpp then takes token ids).
+    character vocabulary (the demo's); `tokenizer_dir`: a transformers tokenizer directory
+    instead; neither writes no tokenizer (llama.cpp then takes token ids).
     verify: read the file back and check every tensor (see verify_gguf)."""
     for what, kind in (("embeddings", embeddings), ("output", output)):
         if kind not in FLOAT_TYPES:
             raise ValueError(f"{what}={kind!r}: choose one of {FLOAT_TYPES}")
+    if vocabulary is not None and tokenizer_dir is not None:
+        raise ValueError("pass vocabulary= (a character vocabulary) or tokenizer_dir= (a transformers tokenizer), not both")
     gguf_module = _gguf()
     try:
         hp = llama_hparams(config_of(converted, config))
@@ -262,15 +300,23 @@ def gguf(
         raise ExportError(f"cannot write this model as GGUF: {exc}") from exc
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    writer = gguf_module.GGUFWriter(str(path), "llama")
-    _write_metadata(gguf_module, writer, hp, name, gguf_module.LlamaFileType.MOSTLY_Q4_0)
-    _write_vocabulary(gguf_module, writer, vocabulary, hp.vocab_size)
-    for tensor_name, tensor in tensors.items():
-        writer.add_tensor(tensor_name, tensor.data, raw_dtype=tensor.ggml_type)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    partial = path.with_name(path.name + ".partial")  # a failed export leaves no file behind
+    try:
+        writer = gguf_module.GGUFWriter(str(partial), "llama")
+        _write_metadata(gguf_module, writer, hp, name, gguf_module.LlamaFileType.MOSTLY_Q4_0)
+        if tokenizer_dir is not None:
+            _write_hf_tokenizer(gguf_module, writer, Path(tokenizer_dir), hp.vocab_size)
+        else:
+            _write_vocabulary(gguf_module, writer, vocabulary, hp.vocab_size)
+        for tensor_name, tensor in tensors.items():
+            writer.add_tensor(tensor_name, tensor.data, raw_dtype=tensor.ggml_type)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        partial.replace(path)
+    finally:
+        partial.unlink(missing_ok=True)
     report = GGUFExport(
         path, quantized, rounded, {n: t.ggml_type.name for n, t in tensors.items()}, bytes=path.stat().st_size,
     )

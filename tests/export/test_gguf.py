@@ -178,3 +178,53 @@ def test_models_it_cannot_write_are_refused(tmp_path):
     with pytest.raises(ValueError, match="embeddings='q4'"):
         gguf(converted, tmp_path / "e.gguf", config=LLAMA_STYLE, embeddings="q4")
     assert not list(tmp_path.iterdir())
+
+
+def byte_level_bpe(directory, text: str, vocab_size: int = 300):
+    """A GPT-2-style byte-level BPE tokenizer trained on `text` (no download), saved as
+    transformers saves one."""
+    import tokenizers
+    import transformers
+
+    tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=vocab_size, initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(), special_tokens=["<|endoftext|>"]
+    )
+    tokenizer.train_from_iterator([text] * 4, trainer)
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    fast.save_pretrained(directory)
+    return fast
+
+
+BPE_TEXT = "It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of foolishness. " * 3
+
+
+def test_a_transformers_tokenizer_is_written(tmp_path):
+    """tokens in id order, BPE merges and special ids, as convert_hf_to_gguf writes them;
+    ids past the tokenizer's (the model has more embeddings) are unused padding."""
+    tokenizer = byte_level_bpe(tmp_path / "tok", BPE_TEXT)
+    vocab = len(tokenizer) + 4
+    model, _ = _hf_llama(vocab)
+    converted = qatfx.convert_pt2e(qatfx.prepare_pt2e(model, FP16_8DA4W, (tokens(2, 8, vocab),), regions="auto").eval())
+    report = gguf(converted, tmp_path / "bpe.gguf", tokenizer_dir=tmp_path / "tok")
+    fields = gguf_package.GGUFReader(str(report.path)).fields
+    assert bytes(fields["tokenizer.ggml.model"].parts[-1]).decode() == "gpt2"
+    pieces = [bytes(fields["tokenizer.ggml.tokens"].parts[i]).decode() for i in fields["tokenizer.ggml.tokens"].data]
+    by_id = {i: t for t, i in tokenizer.get_vocab().items()}
+    assert pieces[: len(tokenizer)] == [by_id[i] for i in range(len(tokenizer))]
+    assert pieces[len(tokenizer):] == [f"[PAD{i}]" for i in range(len(tokenizer), vocab)]
+    assert len(fields["tokenizer.ggml.merges"].data) > 0
+    assert int(fields["tokenizer.ggml.eos_token_id"].parts[-1][0]) == tokenizer.eos_token_id
+    with pytest.raises(ExportError, match="more than the model's 8 embeddings"):
+        model, _ = _hf_llama(8)
+        small = qatfx.convert_pt2e(qatfx.prepare_pt2e(model, FP16_8DA4W, (tokens(2, 8, 8),), regions="auto").eval())
+        gguf(small, tmp_path / "small.gguf", tokenizer_dir=tmp_path / "tok")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bpe.gguf", "tok"]  # nothing half-written
+
+
+def _hf_llama(vocab: int):
+    from tests.model_zoo import _hf
+
+    return _hf("LlamaConfig", "LlamaForCausalLM", vocab_size=vocab)()

@@ -1,0 +1,91 @@
+"""llama.cpp itself (llama-cpp-python, built from its PyPI source package) loads the GGUF qatfx
+writes, tokenizes with its character vocabulary, and computes the converted model's logits.
+Long: the source build takes ~15 minutes on 2 cores (`pip install llama-cpp-python`; README)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import qatfx
+from qatfx.export.gguf import gguf
+from qatfx.recipes.corpus import CharTokenizer
+from qatfx.recipes.model import CausalLM, LMConfig
+from tests.export.test_gguf import _train
+
+pytestmark = pytest.mark.long
+llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python (a source build): pip install llama-cpp-python")
+
+TEXT = "It was the best of times, it was the worst of times; it was the age of wisdom.\n"
+CHARS = CharTokenizer.from_text(TEXT)
+CONFIG = LMConfig(vocab_size=CHARS.vocab_size, dim=64, layers=2, heads=4, kv_heads=2, hidden=128, tie_embeddings=True)
+PROMPTS = ("it was the best", "the age of wisdom", "worst of times; it")
+
+
+def _logits(path, ids: list) -> torch.Tensor:
+    llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=64, n_threads=2, verbose=False)
+    try:
+        llm.eval(ids)
+        return torch.tensor(np.array(llm.scores[: len(ids)]), dtype=torch.float32)
+    finally:
+        llm.close()
+
+
+def _compare(path, converted) -> tuple[float, float]:
+    """(relative RMS logit difference, next-token agreement) over PROMPTS."""
+    got, expected = [], []
+    for prompt in PROMPTS:
+        ids = CHARS.encode(prompt)
+        got.append(_logits(path, ids.tolist()))
+        with torch.no_grad():
+            expected.append(converted(ids.expand(2, -1))[0])  # the batch of 2 it was captured with
+    got, expected = torch.cat(got), torch.cat(expected)
+    relative = ((got - expected).norm() / expected.norm()).item()
+    agreement = (got.argmax(-1) == expected.argmax(-1)).float().mean().item()
+    return relative, agreement
+
+
+def _converted(quantizer):
+    torch.manual_seed(0)
+    prepared = qatfx.prepare_pt2e(CausalLM(CONFIG), quantizer, (CHARS.encode(TEXT)[:32].view(2, 16),)).train()
+    _train(prepared, CONFIG.vocab_size, steps=3)
+    return qatfx.convert_pt2e(prepared.eval())
+
+
+def test_llama_cpp_tokenizes_with_the_character_vocabulary(tmp_path):
+    converted = _converted(qatfx.Int8DynActInt4WeightQuantizer(32, scales_precision=torch.float16))
+    path = gguf(converted, tmp_path / "m.gguf", config=CONFIG, vocabulary=CHARS.chars).path
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, verbose=False)
+    try:
+        assert llm.tokenize(TEXT.encode(), add_bos=False, special=False) == CHARS.encode(TEXT).tolist()
+    finally:
+        llm.close()
+
+
+def test_8da4w_model_in_llama_cpp(tmp_path):
+    """8da4w trains per-token asymmetric activations; llama.cpp quantizes them per 32 as Q8_0,
+    and the float table is stored Q8_0: a different activation scheme, not a wrong file."""
+    converted = _converted(qatfx.Int8DynActInt4WeightQuantizer(32, scales_precision=torch.float16))
+    report = gguf(converted, tmp_path / "m.gguf", config=CONFIG, vocabulary=CHARS.chars)
+    relative, agreement = _compare(report.path, converted)
+    # measured here: see docs/export_gguf.md; two int8 activation schemes differ by about one
+    # activation step per value (~1/255 of the range), far below int4's own error (~10%)
+    assert relative < 3e-2 and agreement >= 0.9, (relative, agreement)
+
+
+def test_llama_cpp_tokenizes_with_a_transformers_bpe_tokenizer(tmp_path):
+    from tests.export.test_gguf import BPE_TEXT, FP16_8DA4W, _hf_llama, byte_level_bpe
+    from tests.models import tokens
+
+    tokenizer = byte_level_bpe(tmp_path / "tok", BPE_TEXT)
+    model, _ = _hf_llama(len(tokenizer))
+    example = tokens(2, 8, len(tokenizer))
+    converted = qatfx.convert_pt2e(qatfx.prepare_pt2e(model, FP16_8DA4W, (example,), regions="auto").eval())
+    path = gguf(converted, tmp_path / "bpe.gguf", tokenizer_dir=tmp_path / "tok").path
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, verbose=False)
+    try:
+        for text in ("it was the age of wisdom", "the worst of times, foolishness."):
+            assert llm.tokenize(text.encode(), add_bos=False, special=False) == tokenizer(text)["input_ids"]
+    finally:
+        llm.close()
