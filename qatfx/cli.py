@@ -1,10 +1,11 @@
 """The `qatfx` command (also `python -m qatfx`).
 
-    qatfx demo [--preset tiny|default|full] [--seeds N] [--text FILE] [--out DIR] [--export executorch,gguf]
+    qatfx demo [--preset tiny|default|full] [--seeds N] [--text FILE] [--out DIR] [--export executorch,gguf,hf]
     qatfx finetune --model HF_DIR|builtin:charlm --text FILE --out DIR [--group-size G] ...
     qatfx eval --model OUT|HF_DIR|builtin:charlm --text FILE [--seq-len N]
     qatfx export --format executorch --model DIR --out FILE.pte [--min-agreement X] [--max-relative-error E] [--no-verify]
     qatfx export --format gguf --model DIR --out FILE.gguf [--embeddings q8_0|f16|f32] [--output ...] [--allow-rounding] [--no-verify]
+    qatfx export --format hf --model DIR --out OUT_DIR [--dtype D] [--float-lm-head] [--weight-only] [--no-verify]
     qatfx verify FILE.pte --model DIR [--min-agreement X] [--max-relative-error E]
 
 Bad arguments (a missing or non-text file, a group size that does not divide the model's
@@ -58,8 +59,9 @@ def _add_thresholds(command: argparse.ArgumentParser) -> None:
 
     command.add_argument("--min-agreement", type=_fraction, default=DEFAULT_MIN_NEXT_TOKEN_AGREEMENT,
                          help=f"least next-token (argmax) agreement with the converted model (default {DEFAULT_MIN_NEXT_TOKEN_AGREEMENT})")
-    command.add_argument("--max-relative-error", type=_non_negative, default=DEFAULT_MAX_RELATIVE_ERROR,
-                         help=f"largest ||pte - converted|| / ||converted|| of the logits (default {DEFAULT_MAX_RELATIVE_ERROR})")
+    command.add_argument("--max-relative-error", type=_non_negative, default=None,
+                         help=f"largest ||exported - converted|| / ||converted|| of the logits (default: {DEFAULT_MAX_RELATIVE_ERROR} "
+                              "for a .pte; hf: the float accumulation bound, derived from the model's sizes)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -74,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--cache-dir", type=Path, help="corpus and float-model cache (default: $QATFX_CACHE_DIR or ~/.cache/qatfx)")
     demo.add_argument("--no-export", action="store_true", help="skip the last step: the int4 g32 QAT model as a verified ExecuTorch .pte")
     demo.add_argument("--export", type=_export_formats, default=("executorch",), metavar="FORMATS",
-                      help="the last step's formats, comma-separated: executorch (default), gguf")
+                      help="the last step's formats, comma-separated: executorch (default), gguf, hf")
 
     finetune = commands.add_parser("finetune", help="QAT-fine-tune your causal LM on your text (and a float control, for the same steps), then convert")
     finetune.add_argument("--model", required=True, help="a transformers checkpoint directory, or builtin:charlm")
@@ -94,14 +96,18 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seq-len", type=_positive_int, help="window length (default: the finetune output's, else 128)")
 
     export = commands.add_parser("export", help="write a converted model for a serving runtime (ExecuTorch .pte, llama.cpp GGUF) and verify it")
-    export.add_argument("--format", choices=tuple(EXPORT_SUFFIXES), default="executorch")
+    export.add_argument("--format", choices=(*EXPORT_SUFFIXES, "hf"), default="executorch")
     export.add_argument("--model", type=Path, required=True, help="a qatfx.save directory or a `qatfx finetune` output (gguf: a finetune output)")
-    export.add_argument("--out", type=Path, required=True, help="the file to write (.pte, .gguf)")
+    export.add_argument("--out", type=Path, required=True, help="the file to write (.pte, .gguf), or (hf) the directory")
     export.add_argument("--no-verify", action="store_true", help="skip checking the written file against the converted model")
     export.add_argument("--embeddings", choices=("q8_0", "f16", "f32"), default="q8_0", help="gguf: a float embedding table's type")
     export.add_argument("--output", choices=("q8_0", "f16", "f32"), default="q8_0", help="gguf: a float output head's type")
     export.add_argument("--allow-rounding", action="store_true",
                        help="gguf: write layers whose trained grid GGUF cannot hold (rounded), reporting how many weights moved")
+    export.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="hf: the checkpoint's dtype (default: the model's)")
+    export.add_argument("--float-lm-head", action="store_true",
+                        help="hf: write a quantized lm_head as its dequantized grid in float (vLLM releases without a quantized lm_head)")
+    export.add_argument("--weight-only", action="store_true", help="hf: refuse a model with quantized activations (8da4w) instead of writing it as W4A16")
     _add_thresholds(export)
 
     verify = commands.add_parser("verify", help="run a .pte in ExecuTorch's runtime and the converted model on held-out inputs; compare logits")
@@ -149,7 +155,10 @@ EXPORT_SUFFIXES = {"executorch": ".pte", "gguf": ".gguf"}
 
 def _check_export_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     _check_converted_dir(parser, args.model)
-    if args.command == "export" and args.out.suffix != EXPORT_SUFFIXES[args.format]:
+    if args.command == "export" and args.format == "hf":
+        if args.out.suffix in EXPORT_SUFFIXES.values() or args.out.is_file():
+            parser.error(f"--out {args.out}: --format hf writes a directory (config.json, model.safetensors); give a directory path")
+    elif args.command == "export" and args.out.suffix != EXPORT_SUFFIXES[args.format]:
         parser.error(f"--out {args.out}: give a file name ending in {EXPORT_SUFFIXES[args.format]} for --format {args.format}")
     if args.command == "verify" and not args.pte.is_file():
         parser.error(f"{args.pte}: no such .pte file; pass the file `qatfx export` wrote")
@@ -181,13 +190,17 @@ def _export_or_verify(args: argparse.Namespace) -> int:
     main): the export cannot run (executorch missing, lowering failed, unreadable .pte)."""
     import qatfx
     from qatfx.export import ExportError, VerificationError, executorch, held_out_inputs, verify_pte
+    from qatfx.export.verify import DEFAULT_MAX_RELATIVE_ERROR
     from qatfx.serialization import default_example_inputs
 
-    thresholds = dict(min_next_token_agreement=args.min_agreement, max_relative_error=args.max_relative_error)
+    max_relative_error = DEFAULT_MAX_RELATIVE_ERROR if args.max_relative_error is None else args.max_relative_error
+    thresholds = dict(min_next_token_agreement=args.min_agreement, max_relative_error=max_relative_error)
     try:
         model = qatfx.load(args.model)
         if args.command == "export" and args.format == "gguf":
             sys.stdout.write("\n".join(_export_gguf(model, args).lines()) + "\n")
+        elif args.command == "export" and args.format == "hf":
+            sys.stdout.write("\n".join(_export_hf(model, args).lines()) + "\n")
         elif args.command == "export":
             sys.stdout.write(f"{executorch(model, args.out, verify=not args.no_verify, **thresholds)}\n")
         else:
@@ -210,6 +223,21 @@ def _export_gguf(model, args: argparse.Namespace):
     return gguf(
         model, args.out, config=context.config, vocabulary=context.vocabulary, tokenizer_dir=context.tokenizer_dir,
         embeddings=args.embeddings, output=args.output, allow_rounding=args.allow_rounding, verify=not args.no_verify,
+    )
+
+
+def _export_hf(model, args: argparse.Namespace):
+    import torch
+
+    from qatfx.export import hf
+    from qatfx.recipes.finetune import export_context
+
+    context = export_context(args.model)
+    return hf(
+        model, args.out, config=context.config, tokenizer_dir=context.tokenizer_dir,
+        dtype=getattr(torch, args.dtype) if args.dtype else None, float_lm_head=args.float_lm_head,
+        allow_activation_drop=not args.weight_only, verify=not args.no_verify,
+        min_next_token_agreement=args.min_agreement, max_relative_error=args.max_relative_error,
     )
 
 

@@ -27,8 +27,6 @@ _CAUSAL_LM_NAMES = (
 )
 # computed buffers a file does not carry (the loader recomputes them from the hyperparameters)
 _DERIVED = re.compile(r"(^|\.)(rope_cos|rope_sin|inv_freq|original_inv_freq)$")
-# `qatfx finetune` holds a transformers model as `lm` inside its LogitsOnly wrapper
-_FINETUNE_WRAPPER = re.compile(r"^lm\.(?=model\.|lm_head\.)")
 
 
 @dataclass(frozen=True)
@@ -116,7 +114,6 @@ def hf_name(name: str) -> Optional[str]:
     """A tensor's Hugging Face Llama name; None for a derived buffer (RoPE tables)."""
     if _DERIVED.search(name):
         return None
-    name = _FINETUNE_WRAPPER.sub("", name)
     if name.startswith(("model.", "lm_head.")):
         return name
     for pattern, replacement in _CAUSAL_LM_NAMES:
@@ -125,14 +122,26 @@ def hf_name(name: str) -> Optional[str]:
     raise UnsupportedModel(f"tensor {name!r} has no place in a Llama checkpoint; is this a Llama-architecture model?")
 
 
+def hf_name_map(names) -> dict:
+    """{source name: Hugging Face name, or None for a derived buffer}. A model wrapped in one
+    module (`qatfx finetune`'s `LogitsOnly(lm)`: names `lm.model.…`) is read under the wrapper."""
+    names = list(names)
+    try:
+        return {name: hf_name(name) for name in names}
+    except UnsupportedModel as first:
+        heads = {name.split(".", 1)[0] for name in names if "." in name}
+        if len(heads) == 1 and all("." in name for name in names):
+            head = heads.pop() + "."
+            try:
+                return {name: hf_name(name.removeprefix(head)) for name in names}
+            except UnsupportedModel:
+                pass
+        raise first
+
+
 def hf_names(names) -> dict:
     """{Hugging Face name: source name} for the tensors a file carries."""
-    mapped = {}
-    for name in names:
-        target = hf_name(name)
-        if target is not None:
-            mapped[target] = name
-    return mapped
+    return {target: name for name, target in hf_name_map(names).items() if target is not None}
 
 
 def expected_tensors(hp: LlamaHParams) -> list:

@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from qatfx import reference
+from qatfx.formats.base import elements_per_group
 from qatfx.formats.int4_packed import tile
 from qatfx.graph.linear_sites import get_attr_value
 from qatfx.graph.meta import CONVERTED
@@ -61,13 +62,20 @@ def _weight_of(gm: torch.fx.GraphModule, node: torch.fx.Node) -> Optional[tuple[
         packed = get_attr_value(gm, packed_node.target)
         k = 2 * packed.shape[-1]
         codes = reference.unpack_int4(packed, tile(group_size, k))
-        return packed_node.target, codes, get_attr_value(gm, scales_node.target), None, group_size
+        return packed_node.target, codes, get_attr_value(gm, scales_node.target), None, elements_per_group(group_size, k)
+    if node.target is torch.ops.qatfx.dequantize_int4_zp.default:
+        packed_node, scales_node, zeros_node, group_size, _ = node.args
+        packed = get_attr_value(gm, packed_node.target)
+        k = 2 * packed.shape[-1]
+        codes = reference.unpack_nibbles(packed, elements_per_group(group_size, k)).to(torch.int8)  # unsigned codes
+        zeros = get_attr_value(gm, zeros_node.target)
+        return packed_node.target, codes, get_attr_value(gm, scales_node.target), zeros, elements_per_group(group_size, k)
     if node.target is dequantize:
         codes_node, scales_node, zeros_node, group_size, _ = node.args
         codes = get_attr_value(gm, codes_node.target)
         zeros = None if zeros_node is None else get_attr_value(gm, zeros_node.target)
         k = codes.shape[-1]
-        return codes_node.target, codes, get_attr_value(gm, scales_node.target), zeros, k if group_size == -1 else group_size
+        return codes_node.target, codes, get_attr_value(gm, scales_node.target), zeros, elements_per_group(group_size, k)
     return None
 
 

@@ -1,6 +1,7 @@
 """The demo's last step: its QAT model as an ExecuTorch program (XNNPACK), verified against
 the converted model, and its next-token rate next to the float model's; and, on request,
-as files for other runtimes (GGUF for llama.cpp), each with its verifier's lines."""
+as files for other runtimes (GGUF for llama.cpp, a compressed-tensors directory for
+transformers / vLLM), each with its verifier's lines."""
 
 from __future__ import annotations
 
@@ -63,7 +64,7 @@ def export_and_time(scheme: str, converted: torch.nn.Module, float_model: torch.
     )
 
 
-FILE_FORMATS = ("gguf",)
+FILE_FORMATS = ("gguf", "hf")
 
 
 def export_files(formats, converted: torch.nn.Module, config, vocabulary, out_dir: Path) -> dict:
@@ -79,6 +80,9 @@ def export_files(formats, converted: torch.nn.Module, config, vocabulary, out_di
                 # the count of weights that moved (LlamaCppQuantizer trains an exact file).
                 report = qatfx.export.gguf(converted, out_dir / "qat.gguf", config=config, vocabulary=vocabulary, allow_rounding=True)
                 lines[fmt] = report.lines()
+            elif fmt == "hf":
+                # W4A16: the weights exactly; the 8da4w activation quantization is dropped (reported)
+                lines[fmt] = qatfx.export.hf(converted, out_dir / "qat_hf", config=config).lines()
         except qatfx.export.ExportError as exc:
             log.warning("qatfx demo: skipping the %s export: %s", fmt, exc)
             lines[fmt] = [f"skipped: {exc}"]

@@ -37,7 +37,7 @@ def exit_code_and_stderr(capsys, argv):
         (lambda tmp: ["finetune", "--model", "builtin:charlm", "--text", str(_text(tmp)), "--out", str(tmp / "o"),
                       "--group-size", "48"], "group size 48 does not divide"),
         (lambda tmp: ["demo", "--seeds", "0"], "must be a positive integer"),
-        (lambda tmp: ["demo", "--export", "executorch,onnx"], "choose a comma-separated subset of executorch, gguf"),
+        (lambda tmp: ["demo", "--export", "executorch,onnx"], "choose a comma-separated subset of executorch, gguf, hf"),
         (lambda tmp: ["finetune", "--model", "builtin:charlm", "--text", str(_text(tmp)), "--out", str(tmp / "o"),
                       "--steps", "5", "--fake-quant-after", "5"], "QAT would never train with fake-quant"),
         # model_zoo's GPT-2 has 64 positions; the default --seq-len is 128
@@ -103,7 +103,7 @@ def _text(tmp: Path) -> Path:
 def test_tiny_demo_report(tmp_path, text_file, capsys):
     out = tmp_path / "demo"
     argv = ["demo", "--preset", "tiny", "--text", str(text_file), "--out", str(out), "--cache-dir", str(tmp_path / "cache")]
-    assert main([*argv, "--export", "executorch,gguf"]) == 0
+    assert main([*argv, "--export", "executorch,gguf,hf"]) == 0
     assert "| int4 g32 |" in capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
     assert {"corpus", "model", "parameters", "float_bytes", "float_ppl", "rows", "curves"} <= report.keys()
@@ -127,3 +127,7 @@ def test_tiny_demo_report(tmp_path, text_file, capsys):
     assert sum(line.startswith("  rounded: ") and "weights moved" in line for line in gguf_lines) == 8
     assert any(line.startswith("  verified:") for line in gguf_lines)
     assert "## Exported: the int4 g32 QAT model as GGUF" in (out / "report.md").read_text()
+    # --export hf: the weights exactly (verified), the 8da4w activation quantization dropped and measured
+    hf_lines = "\n".join(report["file_exports"]["hf"])
+    assert (out / "qat_hf" / "model.safetensors").exists() and "8 int4 linears" in hf_lines
+    assert "vs the converted 8da4w model" in hf_lines

@@ -1,5 +1,6 @@
-"""`qatfx export --format gguf`: a `qatfx finetune` output of builtin:charlm -> a verified GGUF
-with the character vocabulary; bad input exits 2 before any work."""
+"""`qatfx export --format gguf|hf`: a `qatfx finetune` output of builtin:charlm -> a verified
+GGUF with the character vocabulary / a verified compressed-tensors directory; bad input exits
+2 before any work."""
 
 import contextlib
 import io
@@ -63,3 +64,18 @@ def test_export_gguf_bad_input_exits_2(tmp_path, capsys):
     assert not (tmp_path / "x.gguf").exists()
     assert main(["export", "--format", "gguf", "--model", str(model_dir), "--out", str(tmp_path / "x.gguf"), "--allow-rounding"]) == 0
     assert "weights moved" in capsys.readouterr().out
+
+
+def test_export_hf_writes_a_verified_directory(tmp_path, capsys):
+    pytest.importorskip("compressed_tensors", reason="the hf extra: pip install -e '.[hf]'")
+    model_dir = finetune_like_output(tmp_path / "ft")
+    out = tmp_path / "hf"
+    assert main(["export", "--format", "hf", "--model", str(model_dir), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert (out / "config.json").exists() and (out / "model.safetensors").exists()
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["format"] == "pack-quantized"
+    assert "vs the converted 8da4w model (activations quantized there, float here" in printed  # the drop, measured
+    with pytest.raises(SystemExit) as raised:
+        main(["export", "--format", "hf", "--model", str(model_dir), "--out", str(tmp_path / "x.gguf")])
+    assert raised.value.code == 2 and "writes a directory" in capsys.readouterr().err
