@@ -22,6 +22,7 @@ from qatfx.quantizer import (
     Int4WeightOnlyQuantizer,
     Int8DynActInt4WeightQuantizer,
     Int8WeightOnlyQuantizer,
+    LlamaCppQuantizer,
     Quantizer,
 )
 from qatfx.regional_compile import compile_regions
@@ -35,6 +36,7 @@ __all__ = [
     "Int4WeightOnlyQuantizer",
     "Int8DynActInt4WeightQuantizer",
     "Int8WeightOnlyQuantizer",
+    "LlamaCppQuantizer",
     "NonFiniteWarning",
     "PerChannel",
     "PerGroup",

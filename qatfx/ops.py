@@ -17,12 +17,13 @@ from typing import Optional
 import torch
 
 from qatfx import reference
+from qatfx.spec import TORCHAO, check_scale_rule
 
 _lib = torch.library.Library("qatfx", "DEF")
 
 _lib.define(
     "fake_quantize(Tensor x, *, int qmin, int qmax, int group_size, bool symmetric, "
-    "float? eps, ScalarType? scale_dtype, bool enabled=True) -> Tensor"
+    "float? eps, ScalarType? scale_dtype, bool enabled=True, str scale_rule=\"torchao\") -> Tensor"
 )
 
 
@@ -36,11 +37,12 @@ def _fake_quantize(
     eps: Optional[float],
     scale_dtype: Optional[torch.dtype],
     enabled: bool = True,
+    scale_rule: str = TORCHAO,
 ) -> torch.Tensor:
     if not enabled:
         # alias-free identity: exact, and Inductor drops the copy
         return x.clone()
-    return reference.fake_quantize(x, qmin, qmax, group_size, symmetric, eps, scale_dtype)
+    return reference.fake_quantize(x, qmin, qmax, group_size, symmetric, eps, scale_dtype, scale_rule)
 
 
 _lib.impl("fake_quantize", _fake_quantize, "CompositeImplicitAutograd")
@@ -57,18 +59,22 @@ def _quantize_dynamic(
     symmetric: bool,
     eps: Optional[float],
     scale_dtype: Optional[torch.dtype],
+    *,
+    scale_rule: str = TORCHAO,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Dynamic quantization of an activation: (q, scale, zero_point). Symmetric specs get a
-    zero point tensor of zeros so the op has one signature."""
-    scale, zero = reference.choose_qparams(x, qmin, qmax, group_size, symmetric, eps, scale_dtype)
-    q = reference.quantize(x, scale, zero, qmin, qmax, group_size)
+    zero point tensor of zeros so the op has one signature. `scale_rule` is keyword-only
+    (and left out of a call when "torchao"), so the positional arguments of every graph's
+    node stay the seven they always were."""
+    q, scale, zero = reference.quantize_dynamic(x, qmin, qmax, group_size, symmetric, eps, scale_dtype, scale_rule)
     if zero is None:
         zero = torch.zeros_like(scale)
     return q, scale, zero
 
 
 @_quantize_dynamic.register_fake
-def _(x, qmin, qmax, group_size, symmetric, eps, scale_dtype):
+def _(x, qmin, qmax, group_size, symmetric, eps, scale_dtype, *, scale_rule=TORCHAO):
+    check_scale_rule(scale_rule, symmetric)
     shape = reference.qparams_shape(x, group_size)
     qdtype = scale_dtype or x.dtype
     return (

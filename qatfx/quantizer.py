@@ -24,6 +24,8 @@ from qatfx.spec import (
     QuantSpec,
     int4_per_group_weight,
     int8_per_token_activation,
+    q4_0_weight,
+    q8_0_activation,
 )
 
 SUPPORTED_WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -159,18 +161,28 @@ class Quantizer:
                 "cast the model, e.g. model.to(torch.float32)"
             )
         k = weight.shape[0] if site.param_is_k_by_n else weight.shape[1]
+        if self.input_spec is not None:
+            # the activation's groups run along the same K as the weight's
+            reason = _group_problem(self.input_spec, k, "in_features", "activation ")
+            if reason is not None:
+                return reason
         return _layout_problem(self.weight_spec, k, "in_features")
+
+
+def _group_problem(spec: QuantSpec, length: int, what: str, whose: str = "") -> Optional[str]:
+    """Why groups of `spec` cannot tile a dim of `length` elements, or None."""
+    granularity = spec.granularity
+    if isinstance(granularity, PerGroup) and length % granularity.group_size:
+        return (
+            f"{what} {length} is not divisible by {whose}group size {granularity.group_size}; "
+            "left in float (qatfx skips rather than pads); choose a group size dividing it"
+        )
+    return None
 
 
 def _layout_problem(spec: QuantSpec, length: int, what: str) -> Optional[str]:
     """Why a weight whose quantized dim has `length` elements cannot take `spec`, or None."""
-    granularity = spec.granularity
-    if isinstance(granularity, PerGroup) and length % granularity.group_size:
-        return (
-            f"{what} {length} is not divisible by group size {granularity.group_size}; "
-            "left in float (qatfx skips rather than pads); choose a group size dividing it"
-        )
-    return format_for(spec).layout_problem(spec, length)
+    return _group_problem(spec, length, what) or format_for(spec).layout_problem(spec, length)
 
 
 def model_layer_name(gm: torch.fx.GraphModule, site: LinearSite) -> str:
@@ -257,3 +269,36 @@ class Int4WeightOnlyQuantizer(Quantizer):
             embedding_spec=embedding_spec,
         )
         self.group_size = group_size
+
+
+class LlamaCppQuantizer(Quantizer):
+    """Trains on llama.cpp's CPU arithmetic for Q4_0 weights x Q8_0 activations.
+
+    Weights: `spec.q4_0_weight()`, torchao's symmetric int4 rule in groups of 32 along K
+    with fp16 scales; a group's codes + 8 and its scale are a Q4_0 block as they are
+    (qatfx.export.gguf writes them so; llama-quantize would recompute them from floats).
+    Activations: `spec.q8_0_activation()`, what llama.cpp does to a linear's input before
+    its Q4_0 x Q8_0 dot product (ggml quantize_row_q8_0, x86 AVX/AVX2 path): per block
+    of 32 along K, d = absmax / 127 stored as fp16(d), codes round-half-even(x * (127 /
+    absmax)) in [-127, 127], values codes * fp16(d) (scale_rule="ggml"). Codes and scales
+    are llama.cpp's bit for bit in float32 models. ARM NEON and the scalar reference
+    (quantize_row_q8_0_ref) round x * (1 / d) instead, the reference half away from zero,
+    so there a code can differ by one at ulp-level ties. In a bfloat16 model the rule runs
+    in bfloat16 (the multiplier and x * m), so codes are not llama.cpp's float32 ones.
+
+    Layers whose in_features is not a multiple of 32 are skipped (both grids need whole
+    blocks), as are those named by skip / skip_types. embedding_spec: see `Quantizer`; a
+    table tied to a quantized linear needs `spec.q4_0_weight()`.
+    """
+
+    def __init__(
+        self,
+        *,
+        skip: Iterable[str] = (),
+        skip_types: Iterable[Union[str, type]] = (),
+        embedding_spec: Optional[QuantSpec] = None,
+    ) -> None:
+        super().__init__(
+            q8_0_activation(), q4_0_weight(), skip=skip, skip_types=skip_types, embedding_spec=embedding_spec
+        )
+        self.group_size = 32

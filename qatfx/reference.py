@@ -9,6 +9,11 @@ quantize/dequantize share them, which is why prepared == converted exactly.
 Tensors are viewed as blocks along the last dim: (..., K // G, G) for a group size G,
 (..., 1, K) per row, (1, numel) per tensor. Scales and zero points have the block shape
 without the trailing G: (..., K // G), (..., 1) or (1,).
+
+Two scale rules (QuantSpec.scale_rule): "torchao" rounds codes with the reciprocal of the
+cast scale (choose_qparams, then quantize); "ggml" rounds them with h / absmax in the input
+dtype and only dequantizes with the cast scale (ggml_qparams), as llama.cpp's x86
+quantize_row_q8_0 does. `quantize_dynamic` and `fake_quantize` take either.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from qatfx.spec import ROW, TENSOR
+from qatfx.spec import GGML, ROW, TENSOR, TORCHAO, check_scale_rule
 
 
 def _group_length(x: torch.Tensor, group_size: int) -> int:
@@ -84,6 +89,38 @@ def choose_qparams(
     return scale, zero
 
 
+@torch.no_grad()
+def ggml_qparams(
+    x: torch.Tensor,
+    qmin: int,
+    qmax: int,
+    group_size: int,
+    eps: Optional[float],
+    scale_dtype: Optional[torch.dtype],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, multiplier) of the "ggml" rule, h = (qmax - qmin) / 2, in x.dtype:
+
+        scale = max(absmax / h, eps) cast to scale_dtype    (dequantizes: x_fq = q * scale)
+        multiplier = h / absmax, 0 where absmax == 0        (quantizes: q = round(x * m))
+
+    llama.cpp's x86 quantize_row_q8_0 step for step (d = amax / 127.f; y.d = fp16(d);
+    id = amax ? 127.f / amax : 0): the multiplier is a true division, not 1 / d and not
+    1 / fp16(d). Both divisions are tensor / tensor, because `scalar / t` is computed as
+    reciprocal(t) * scalar and a CUDA `t / scalar` as t * (1 / scalar).
+    """
+    blocks = _blocks(x, group_size)
+    absmax = torch.amax(blocks.abs(), dim=-1)
+    h = torch.full_like(absmax, float(qmax - qmin) / 2)
+    scale = torch.clamp(absmax / h, min=_resolve_eps(eps, x.dtype))
+    multiplier = torch.where(absmax > 0, h / absmax, torch.zeros_like(absmax))
+    # A subnormal absmax overflows h / absmax to inf, and 0 * inf is NaN; capping keeps
+    # codes finite (such a block's fp16 scale is 0, so it dequantizes to 0 either way).
+    multiplier = torch.clamp(multiplier, max=torch.finfo(multiplier.dtype).max)
+    out_dtype = x.dtype if scale_dtype is None else scale_dtype
+    shape = qparams_shape(x, group_size)
+    return scale.to(out_dtype).reshape(shape), multiplier.reshape(shape)
+
+
 def _round_ste(t: torch.Tensor) -> torch.Tensor:
     """torch.round with an identity backward. The forward value is exactly round(t): for
     |t| < 2^23, round(t) - t is exact, so t + (round(t) - t) == round(t)."""
@@ -102,6 +139,14 @@ def _quantize_blocks(
     return torch.clamp(t, qmin, qmax)
 
 
+def _quantize_blocks_ggml(blocks: torch.Tensor, multiplier: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    """clamp(round(x * m), qmin, qmax) with the clamp's gradient mask. In float32 a narrow
+    grid never needs the clamp (|x * m| <= h up to an ulp, as llama.cpp relies on); in
+    bfloat16 m can exceed h / absmax by 2^-8 relative and the absmax element rounds to
+    h + 1, which the clamp folds back."""
+    return torch.clamp(_round_ste(blocks * multiplier.unsqueeze(-1)), qmin, qmax)
+
+
 def _dequantize_blocks(
     q: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor], out_dtype: torch.dtype
 ) -> torch.Tensor:
@@ -113,6 +158,27 @@ def _dequantize_blocks(
     return (dq * scale.unsqueeze(-1)).to(out_dtype)
 
 
+def _codes(
+    x: torch.Tensor,
+    qmin: int,
+    qmax: int,
+    group_size: int,
+    symmetric: bool,
+    eps: Optional[float],
+    scale_dtype: Optional[torch.dtype],
+    scale_rule: str,
+) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """(codes as (..., n_groups, G) floats, scale, zero) of `x` under `scale_rule`;
+    differentiable in x like `_quantize_blocks`, no gradient to the qparams."""
+    check_scale_rule(scale_rule, symmetric)
+    blocks = _blocks(x, group_size)
+    if scale_rule == GGML:
+        scale, multiplier = ggml_qparams(x.detach(), qmin, qmax, group_size, eps, scale_dtype)
+        return _quantize_blocks_ggml(blocks, multiplier, qmin, qmax), scale, None
+    scale, zero = choose_qparams(x.detach(), qmin, qmax, group_size, symmetric, eps, scale_dtype)
+    return _quantize_blocks(blocks, scale, zero, qmin, qmax), scale, zero
+
+
 def fake_quantize(
     x: torch.Tensor,
     qmin: int,
@@ -121,11 +187,12 @@ def fake_quantize(
     symmetric: bool,
     eps: Optional[float],
     scale_dtype: Optional[torch.dtype],
+    scale_rule: str = TORCHAO,
 ) -> torch.Tensor:
     """Quantize then dequantize `x` with qparams from `x` (dynamic), differentiable with the
-    straight-through estimator and the clamp mask; no gradient reaches scale or zero."""
-    scale, zero = choose_qparams(x.detach(), qmin, qmax, group_size, symmetric, eps, scale_dtype)
-    q = _quantize_blocks(_blocks(x, group_size), scale, zero, qmin, qmax)
+    straight-through estimator and the clamp mask; no gradient reaches scale or zero.
+    Exactly `dequantize(*quantize_dynamic(x, ...))` of the same rule."""
+    q, scale, zero = _codes(x, qmin, qmax, group_size, symmetric, eps, scale_dtype, scale_rule)
     return _dequantize_blocks(q, scale, zero, x.dtype).reshape(x.shape)
 
 
@@ -145,6 +212,24 @@ def quantize(
     """Integer values of `x` for given qparams, stored as int8 (signed) or uint8."""
     q = _quantize_blocks(_blocks(x, group_size), scale, zero, qmin, qmax)
     return q.to(storage_dtype(qmin)).reshape(x.shape)
+
+
+@torch.no_grad()
+def quantize_dynamic(
+    x: torch.Tensor,
+    qmin: int,
+    qmax: int,
+    group_size: int,
+    symmetric: bool,
+    eps: Optional[float],
+    scale_dtype: Optional[torch.dtype],
+    scale_rule: str = TORCHAO,
+) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """(codes, scale, zero) of `x` with qparams from `x` under either scale rule: what
+    convert stores for a weight and `qatfx::quantize_dynamic` computes for an activation.
+    zero is None for a symmetric spec; codes are int8 (signed grid) or uint8."""
+    q, scale, zero = _codes(x, qmin, qmax, group_size, symmetric, eps, scale_dtype, scale_rule)
+    return q.to(storage_dtype(qmin)).reshape(x.shape), scale, zero
 
 
 def dequantize(

@@ -35,7 +35,7 @@ from qatfx.graph.meta import CONVERTED
 from qatfx.graph.regions import is_regional, model_stage
 from qatfx.module import QATGraphModule, copy_sharing_tensors
 from qatfx.quantizer import Quantizer
-from qatfx.spec import PerChannel, PerGroup, PerTensor, PerToken, QuantSpec
+from qatfx.spec import TORCHAO, PerChannel, PerGroup, PerTensor, PerToken, QuantSpec
 from qatfx.summary import LayerReport, summary
 
 log = logging.getLogger("qatfx.serialization")
@@ -238,6 +238,9 @@ def spec_to_json(spec: Optional[QuantSpec]) -> Optional[dict]:
         "dynamic": spec.dynamic,
         "eps": spec.eps,
         "scale_dtype": _dtype_name(spec.scale_dtype),
+        # written only when not the default, so every other save's manifest is unchanged
+        **({"narrow": True} if spec.narrow else {}),
+        **({"scale_rule": spec.scale_rule} if spec.scale_rule != TORCHAO else {}),
     }
 
 
@@ -249,11 +252,14 @@ def spec_from_json(data: Optional[dict]) -> Optional[QuantSpec]:
     return QuantSpec(
         data["bits"], granularity, symmetric=data["symmetric"], signed=data["signed"],
         dynamic=data["dynamic"], eps=data["eps"], scale_dtype=_dtype(data["scale_dtype"]),
+        narrow=data.get("narrow", False), scale_rule=data.get("scale_rule", TORCHAO),
     )
 
 
 def scheme_name(input_spec: Optional[QuantSpec], weight_spec: QuantSpec) -> str:
     """torchao-style short name: 8da4w (int8 dynamic activations, int4 weights), 4w, 8w."""
+    if input_spec is not None and input_spec.scale_rule != "torchao":
+        return f"{input_spec.scale_rule}-{input_spec.bits}da{weight_spec.bits}w"  # llama.cpp's Q8_0 x Q4_0: "ggml-8da4w"
     weights = f"{weight_spec.bits}w"
     return weights if input_spec is None else f"{input_spec.bits}da{weights}"
 

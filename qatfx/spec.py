@@ -23,6 +23,19 @@ import torch
 ROW = -1
 TENSOR = 0
 
+# Scale rules (QuantSpec.scale_rule; the ops' `scale_rule` argument).
+TORCHAO = "torchao"
+GGML = "ggml"
+SCALE_RULES = (TORCHAO, GGML)
+
+
+def check_scale_rule(scale_rule: str, symmetric: bool) -> None:
+    """Raise a ValueError naming the fix for a scale rule the numerics do not define."""
+    if scale_rule not in SCALE_RULES:
+        raise ValueError(f"unknown scale_rule {scale_rule!r}; use one of {SCALE_RULES}")
+    if scale_rule == GGML and not symmetric:
+        raise ValueError('scale_rule="ggml" scales by absmax, so it needs symmetric=True (or use scale_rule="torchao")')
+
 
 @dataclass(frozen=True)
 class PerToken:
@@ -58,14 +71,26 @@ class QuantSpec:
     """How to quantize one tensor.
 
     bits / signed: the integer grid; signed b bits is [-2^(b-1), 2^(b-1)-1].
-    symmetric: zero point 0 and scale = absmax / ((qmax - qmin) / 2) (torchao's rule);
-        otherwise asymmetric with an integer zero point.
+    narrow: drop the most negative value of a signed grid, [-(2^(b-1)-1), 2^(b-1)-1]
+        (int8: [-127, 127], llama.cpp's Q8_0), so a symmetric scale is absmax / 127.
+    symmetric: zero point 0 and the scale from absmax (see `scale_rule`); otherwise
+        asymmetric with an integer zero point.
     dynamic: qparams recomputed from the current tensor on every call (the only mode
         qatfx supports for activations; weights are always recomputed during training and
         frozen by convert).
     eps: smallest allowed scale; None means `finfo(x.dtype).smallest_normal`.
     scale_dtype: dtype scales (and zero points) are cast to after being computed in the
         input dtype; None keeps the input dtype.
+    scale_rule: how a symmetric spec turns absmax into codes, with h = (qmax - qmin) / 2
+        (7.5 for int4, 127 for narrow int8) and everything in the input dtype:
+        "torchao" (torchao's rule, the default):
+            s = max(absmax / h, eps) cast to scale_dtype;  q = clamp(round(x * (1 / s)))
+            so codes are rounded with the *cast* scale.
+        "ggml" (llama.cpp's quantize_row_q8_0, x86 AVX/AVX2 path):
+            m = h / absmax (0 where absmax == 0);          q = clamp(round(x * m))
+            s = max(absmax / h, eps) cast to scale_dtype,  used only to dequantize
+            so codes are rounded with the uncast multiplier, and q * s uses the cast scale.
+        `round` is ties-to-even in both; x_fq = q * s.
     """
 
     bits: int
@@ -75,18 +100,25 @@ class QuantSpec:
     dynamic: bool = True
     eps: Optional[float] = None
     scale_dtype: Optional[torch.dtype] = torch.float32
+    narrow: bool = False
+    scale_rule: str = TORCHAO
 
     def __post_init__(self) -> None:
         if not 2 <= self.bits <= 8:
             raise ValueError(f"QuantSpec.bits must be in [2, 8], got {self.bits}")
         if self.symmetric and not self.signed:
             raise ValueError("a symmetric spec needs a signed integer grid (signed=True)")
+        if self.narrow and not self.signed:
+            raise ValueError("narrow=True drops the most negative value of a signed grid; use signed=True or narrow=False")
         if self.eps is not None and not self.eps > 0:
             raise ValueError(f"QuantSpec.eps must be positive, got {self.eps}")
+        check_scale_rule(self.scale_rule, self.symmetric)
 
     @property
     def qmin(self) -> int:
-        return -(2 ** (self.bits - 1)) if self.signed else 0
+        if not self.signed:
+            return 0
+        return -(2 ** (self.bits - 1)) + (1 if self.narrow else 0)
 
     @property
     def qmax(self) -> int:
@@ -103,8 +135,10 @@ class QuantSpec:
         return ROW
 
     def op_kwargs(self) -> dict:
-        """Keyword arguments for `qatfx::fake_quantize` / `qatfx::quantize_dynamic`."""
-        return dict(
+        """Keyword arguments for `qatfx::fake_quantize` / `qatfx::quantize_dynamic`.
+        `narrow` is carried by qmin; `scale_rule` only when it is not the default, so a
+        torchao-rule graph has the same nodes as before the option existed."""
+        kwargs = dict(
             qmin=self.qmin,
             qmax=self.qmax,
             group_size=self.group_size,
@@ -112,12 +146,16 @@ class QuantSpec:
             eps=self.eps,
             scale_dtype=self.scale_dtype,
         )
+        if self.scale_rule != TORCHAO:
+            kwargs["scale_rule"] = self.scale_rule
+        return kwargs
 
     def describe(self) -> str:
         g = self.granularity
         gran = f"group{g.group_size}" if isinstance(g, PerGroup) else type(g).__name__
         kind = "sym" if self.symmetric else "asym"
-        return f"{'int' if self.signed else 'uint'}{self.bits}/{gran}/{kind}"
+        extras = ("/narrow" if self.narrow else "") + ("" if self.scale_rule == TORCHAO else f"/{self.scale_rule}")
+        return f"{'int' if self.signed else 'uint'}{self.bits}/{gran}/{kind}{extras}"
 
 
 # The 8da4w specs, exactly torchao's Int8DynActInt4WeightQATQuantizer (see docs/numerics.md).
@@ -154,3 +192,37 @@ def int4_per_group_embedding(group_size: int = 32, scale_dtype: torch.dtype = to
 def int8_per_row_embedding(scale_dtype: torch.dtype = torch.float32) -> QuantSpec:
     """int8 symmetric embedding table, one scale per row (`--embedding-quantize 8,0`)."""
     return QuantSpec(8, PerChannel(), symmetric=True, scale_dtype=scale_dtype)
+
+
+# llama.cpp's CPU formats (docs/numerics_for_users.md, "llama.cpp's Q4_0 x Q8_0").
+
+# fp16(x) is 0 for every x <= 2^-25 (half the smallest fp16 subnormal, a tie that rounds to
+# even, 0), so with this eps fp16(max(absmax / 127, eps)) == fp16(absmax / 127) for every
+# block: all-zero blocks store scale 0 as llama.cpp does, and no other block moves. It is
+# the largest eps with that property; any smaller one is exact too.
+Q8_0_EPS = 2.0**-25
+
+
+def q8_0_activation() -> QuantSpec:
+    """llama.cpp's Q8_0 activations on the x86 AVX/AVX2 path: blocks of 32 along the last
+    dim, codes round(x * (127 / absmax)) in [-127, 127], dequantized with fp16(absmax / 127)."""
+    return QuantSpec(
+        8, PerGroup(32), symmetric=True, narrow=True, scale_rule=GGML, eps=Q8_0_EPS, scale_dtype=torch.float16
+    )
+
+
+# torchao's rule rounds with 1 / s computed in the scale's dtype, and in fp16 that is inf
+# for s < 1/65520: every zero of such a group becomes 0 * inf = NaN and every other value
+# saturates. The default eps (finfo(w.dtype).smallest_normal) does not prevent it, so one
+# all-zero group would poison training. 2^-15 is the smallest power of two whose fp16
+# reciprocal is finite (and exact in bf16 too, where weights compute their scales); only
+# groups with absmax < 7.5 * 2^-15 = 2.3e-4 get it, whose fp16 scale is subnormal anyway.
+Q4_0_EPS = 2.0**-15
+
+
+def q4_0_weight() -> QuantSpec:
+    """llama.cpp's Q4_0 weights: torchao's int4 rule in groups of 32 with fp16 scales maps
+    onto Q4_0 losslessly (code + 8, d = scale): `int4_per_group_weight(32, torch.float16)`
+    and eps = Q4_0_EPS, so all-zero and tiny groups quantize to 0 and small values instead
+    of NaN."""
+    return QuantSpec(4, PerGroup(32), symmetric=True, eps=Q4_0_EPS, scale_dtype=torch.float16)

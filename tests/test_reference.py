@@ -1,11 +1,14 @@
 """qatfx.reference / qatfx.ops numerics against torchao 0.18, bit for bit (docs/numerics.md)."""
 
+import dataclasses
+
+import numpy as np
 import pytest
 import torch
 
 from qatfx import ops, reference
-from qatfx.spec import int4_per_group_weight, int8_per_token_activation
-from tests import torchao_ref
+from qatfx.spec import int4_per_group_weight, int8_per_token_activation, q4_0_weight, q8_0_activation
+from tests import llamacpp_ref, torchao_ref
 
 DTYPES = [torch.float32, torch.bfloat16]
 
@@ -134,3 +137,151 @@ def test_pack_rejects_out_of_range_and_bad_tile():
         reference.pack_int4(torch.full((1, 4), 8, dtype=torch.int8), 4)
     with pytest.raises(ValueError, match="tile"):
         reference.pack_int4(torch.zeros(1, 6, dtype=torch.int8), 4)
+
+
+
+# ---- the "ggml" scale rule: llama.cpp's Q8_0 activations (tests/llamacpp_ref.py) ---------
+
+
+def tie_block(absmax, g):
+    """31 values whose products with m = fp32(127 / absmax) are exactly k + 0.5 in fp32,
+    then absmax itself: every code but the last is a rounding tie."""
+    amax = torch.tensor(absmax, dtype=torch.float32)
+    m = torch.full_like(amax, 127.0) / amax
+    halves = torch.randint(-126, 126, (256,), generator=g).float() + 0.5
+    x = halves / m
+    for _ in range(4):  # step x by ulps until x * m lands on the half-integer
+        x = torch.where(x * m < halves, torch.nextafter(x, torch.full_like(x, float("inf"))), x)
+        x = torch.where(x * m > halves, torch.nextafter(x, torch.full_like(x, -float("inf"))), x)
+    ties = x[(x * m == halves) & (x.abs() < amax)][:31]
+    assert ties.numel() == 31, "could not build 31 exact ties"
+    return torch.cat([ties, amax.reshape(1)])
+
+
+def q8_0_activations(seed, rows=6, k=256):
+    """Random blocks of 32 at magnitudes 1e-2..1e2, plus the blocks that matter for Q8_0:
+    all zero, one nonzero value, an fp16-subnormal scale (absmax 1e-3), a scale fp16
+    rounds to 0 (absmax 1e-6), and blocks of exact ties of x * (127 / absmax)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, k, generator=g) * torch.logspace(-2, 2, rows).unsqueeze(-1)
+    blocks = x.view(-1, 32)
+    blocks[0] = 0.0
+    blocks[1] = 0.0
+    blocks[1, 5] = -3.25
+    blocks[2] *= 1e-3 / blocks[2].abs().max()
+    blocks[3] *= 1e-6 / blocks[3].abs().max()
+    blocks[4] = tie_block(127.0, g)  # multiplier exactly 1: the ties are x = k + 0.5
+    blocks[5] = tie_block(0.7310, g)  # multipliers that are not powers of two
+    blocks[6] = -tie_block(53.9, g)
+    return x
+
+
+def ggml_q8_0(x):
+    """(codes, fp16 scales, fake-quant) of qatfx's Q8_0 spec, codes as (n_blocks, 32)."""
+    spec = q8_0_activation()
+    q, scale, zero = ops.quantize_dynamic(x, **spec.op_kwargs())
+    assert torch.equal(zero, torch.zeros_like(scale))
+    return q.reshape(-1, 32), scale.reshape(-1), ops.fake_quantize(x, **spec.op_kwargs())
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_ggml_rule_is_llama_cpp_q8_0_bit_for_bit_in_float32(seed):
+    x = q8_0_activations(seed)
+    codes, scales, fq = ggml_q8_0(x)
+    ref_codes, ref_scales = llamacpp_ref.quantize_row_q8_0_avx(x.numpy())
+    assert scales.dtype == torch.float16 and codes.dtype == torch.int8
+    assert np.array_equal(codes.numpy(), ref_codes)
+    assert np.array_equal(scales.numpy().view(np.uint16), ref_scales.view(np.uint16))  # bits, zeros included
+    expected = llamacpp_ref.dequantize_row_q8_0(ref_codes, ref_scales).reshape(x.shape)
+    torch.testing.assert_close(fq, torch.from_numpy(expected), atol=0, rtol=0)
+    # the special blocks did what they are for
+    assert codes.abs().max() <= 127 and (scales[0] == 0) and (codes[0] == 0).all()
+    assert scales[3] == 0 and codes[3].abs().max() == 127  # llama.cpp keeps codes, zeroes the scale
+    ties = x.view(-1, 32)[4:7, :31] * (127.0 / x.view(-1, 32)[4:7].abs().amax(-1, keepdim=True))
+    assert (ties.frac().abs() == 0.5).float().mean() > 0.9
+    assert (codes[4:7, :31] % 2 == 0).all(), "ties round to even"
+
+
+def test_ggml_rule_in_bfloat16_is_the_rule_in_bfloat16_arithmetic():
+    # A bf16 tensor runs the rule in bf16 (multiplier and product rounded to bf16), as the
+    # torchao rule runs in the input dtype. Codes match the bf16 emulation exactly, but not
+    # llama.cpp, which quantizes the (float32-widened) values in float32.
+    x = q8_0_activations(0).to(torch.bfloat16)
+    codes, scales, fq = ggml_q8_0(x)
+    x32 = x.float().numpy()
+    ref_codes, ref_scales = llamacpp_ref.quantize_row_q8_0_bf16(x32)
+    assert np.array_equal(codes.numpy(), ref_codes)
+    assert np.array_equal(scales.numpy().view(np.uint16), ref_scales.view(np.uint16))
+    expected = llamacpp_ref.bf16_round(llamacpp_ref.dequantize_row_q8_0(ref_codes, ref_scales)).reshape(x.shape)
+    assert fq.dtype == torch.bfloat16
+    torch.testing.assert_close(fq.float(), torch.from_numpy(expected), atol=0, rtol=0)
+    fp32_codes, _ = llamacpp_ref.quantize_row_q8_0_avx(x32)
+    assert (fp32_codes != ref_codes).any(), "bf16 arithmetic moves some codes away from llama.cpp's"
+
+
+def test_ggml_rule_differs_from_torchao_rule_with_fp16_scales():
+    # The same grid with the torchao rule rounds x * (1 / fp16(d)), reciprocal in fp16: not
+    # llama.cpp's codes on ordinary data, hence the separate rule.
+    x = torch.randn(64, 256, generator=torch.Generator().manual_seed(0))
+    torchao_rule = dataclasses.replace(q8_0_activation(), scale_rule="torchao")
+    q_ggml, s_ggml, _ = ops.quantize_dynamic(x, **q8_0_activation().op_kwargs())
+    q_torchao, s_torchao, _ = ops.quantize_dynamic(x, **torchao_rule.op_kwargs())
+    ref_codes, _ = llamacpp_ref.quantize_row_q8_0_avx(x.numpy())
+    assert torch.equal(s_ggml, s_torchao)  # the same stored scales ...
+    assert np.array_equal(q_ggml.reshape(-1, 32).numpy(), ref_codes)
+    moved = (q_torchao != q_ggml).float().mean().item()
+    assert moved > 0.002, f"only {moved:.2%} of codes differ"  # ... but other codes (measured: ~1%)
+
+
+def test_ggml_rule_keeps_tiny_blocks_finite():
+    # absmax 1e-40 (subnormal): 127 / absmax overflows to inf in float32 and llama.cpp's
+    # codes are undefined there; qatfx caps the multiplier, so the codes are finite and the
+    # block dequantizes to 0, as in llama.cpp (fp16 scale 0).
+    x = torch.zeros(1, 32)
+    x[0, :3] = torch.tensor([1e-40, -5e-41, 0.0])
+    codes, scales, fq = ggml_q8_0(x)
+    assert scales.item() == 0 and codes.abs().max() <= 127
+    assert torch.equal(fq, torch.zeros_like(x))
+
+
+def test_ggml_rule_gradient_is_straight_through():
+    # Same construction as the torchao rule: identity round, clamp mask (all ones here),
+    # no gradient to the qparams; dx = (g * s) * m, with s * m = 1 up to fp16's rounding of s.
+    spec = q8_0_activation()
+    x = q8_0_activations(1).requires_grad_(True)
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
+    ops.fake_quantize(x, **spec.op_kwargs()).backward(g)
+    scale, multiplier = reference.ggml_qparams(x.detach(), spec.qmin, spec.qmax, 32, spec.eps, spec.scale_dtype)
+    expected = (g.view(*x.shape[:-1], -1, 32) * scale.unsqueeze(-1)) * multiplier.unsqueeze(-1)
+    torch.testing.assert_close(x.grad, expected.view(x.shape), atol=0, rtol=0)
+
+
+def test_ggml_quantize_dequantize_equals_fake_quantize():
+    for dtype in DTYPES:
+        x = q8_0_activations(2).to(dtype)
+        spec = q8_0_activation()
+        q, scale, zero = ops.quantize_dynamic(x, **spec.op_kwargs())
+        dq = ops.dequantize(q, scale, zero, 32, dtype)
+        torch.testing.assert_close(dq, ops.fake_quantize(x, **spec.op_kwargs()), atol=0, rtol=0)
+
+
+def test_scale_rule_is_checked_by_the_ops():
+    x = torch.randn(2, 32)
+    with pytest.raises(ValueError, match="symmetric=True"):
+        ops.fake_quantize(x, qmin=-128, qmax=127, group_size=32, symmetric=False, eps=None, scale_dtype=None, scale_rule="ggml")
+    with pytest.raises(ValueError, match="unknown scale_rule"):
+        ops.quantize_dynamic(x, -127, 127, 32, True, None, None, scale_rule="gguf")
+
+
+def test_q4_0_weight_spec_keeps_zero_and_tiny_groups_finite():
+    # torchao's rule rounds with 1 / s in fp16, inf for s < 1/65520: with the default eps an
+    # all-zero group is NaN. q4_0_weight's eps avoids that and moves no ordinary group.
+    w = torch.randn(4, 128, generator=torch.Generator().manual_seed(0)) * 0.02
+    w[0, :32] = 0.0
+    w[1, :32] *= 1e-4
+    plain = ops.fake_quantize(w, **int4_per_group_weight(32, torch.float16).op_kwargs())
+    q4_0 = ops.fake_quantize(w, **q4_0_weight().op_kwargs())
+    assert plain[0, :32].isnan().all()
+    assert torch.isfinite(q4_0).all() and (q4_0[0, :32] == 0).all()
+    torch.testing.assert_close(q4_0[:, 32:], plain[:, 32:], atol=0, rtol=0)
+    torch.testing.assert_close(q4_0[2:], plain[2:], atol=0, rtol=0)

@@ -27,6 +27,7 @@ from qatfx.export.gguf_blocks import BLOCK, block_problem, fp16_problem, q4_0_by
 from qatfx.export.llama_layout import LlamaHParams, UnsupportedModel, config_of, hf_names, llama_hparams
 from qatfx.export.verify import ExportError, VerificationError
 from qatfx.export.weights import QuantizedWeight, converted_tensors
+from qatfx.spec import q8_0_activation
 
 logger = logging.getLogger(__name__)
 
@@ -337,7 +338,7 @@ def _differences(converted, tensors: dict) -> list:
     for spec in inputs:
         if spec is None:
             found.append("activations: trained in float (weight-only); llama.cpp's CPU path quantizes them to Q8_0 for the dot product")
-        elif not (spec.symmetric and spec.bits == 8 and spec.group_size == BLOCK):
+        elif spec != q8_0_activation():
             found.append(
                 f"activations: trained as {spec.describe()}; llama.cpp's CPU path quantizes them as Q8_0 (symmetric int8 per 32 "
                 "along K, fp16 scale); train with qatfx.LlamaCppQuantizer to match it"

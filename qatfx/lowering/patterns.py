@@ -31,7 +31,7 @@ from qatfx.lowering.kernels.w4a8_gemm import SUPPORTED_SCALE_DTYPES as KERNEL_SC
 from qatfx.lowering.rewrite import Rewrite
 from qatfx.lowering.w4a8_linear import WEIGHT_FORMAT, w4a8_linear
 from qatfx.ops import dequantize, quantize_dynamic
-from qatfx.spec import ROW
+from qatfx.spec import ROW, TORCHAO
 
 aten = torch.ops.aten
 fused_linear = torch.ops.qatfx.w4a8_linear.default
@@ -243,6 +243,14 @@ def _quantize_constants(match: Match) -> dict[str, Any]:
     return {name: node[name] for name in ("qmin", "qmax", "group_size", "symmetric", "eps", "scale_dtype")}
 
 
+def _check_torchao_rule(match: Match) -> Optional[str]:
+    """quantize_math is the torchao rule. A "ggml" node carries scale_rule as a keyword, so
+    the pattern (none) should not match it; if it ever does, refuse: left opaque, the op
+    runs its own reference math, exactly."""
+    rule = op_arguments(_node(match, quantize_dynamic))["scale_rule"]
+    return None if rule == TORCHAO else f"scale_rule {rule!r} is not the torchao rule this decomposition computes"
+
+
 def _decompose_rule(fmt: WeightFormat) -> Rewrite:
     """A weight format's dequantize op -> its reference math (the format owns both)."""
 
@@ -254,7 +262,10 @@ def _decompose_rule(fmt: WeightFormat) -> Rewrite:
 
 
 DECOMPOSE = [
-    Rewrite("decompose_quantize_dynamic", quantize_activation, quantize_math, lambda: [torch.randn(M, K)], _quantize_constants),
+    Rewrite(
+        "decompose_quantize_dynamic", quantize_activation, quantize_math, lambda: [torch.randn(M, K)], _quantize_constants,
+        _check_torchao_rule,
+    ),
     # int_codes' rule (qatfx::dequantize) also decomposes dequantized activations.
     *(_decompose_rule(fmt) for fmt in FORMATS),
 ]

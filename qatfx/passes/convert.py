@@ -17,6 +17,8 @@ Rewrites to:
         before: fq_x = qatfx.fake_quantize(x, qmin=-128, qmax=127, group_size=-1, ...)
         after:  q = qatfx.quantize_dynamic(x, -128, 127, -1, False, eps, torch.float32)
                 fq_x = qatfx.dequantize(q[0], q[1], q[2], -1, x.dtype)
+        (a spec whose scale_rule is not "torchao" adds scale_rule=... as a keyword; weights
+        are quantized with the spec's rule too)
 Requires:    insert_fake_quant ran.
 Ensures:     converted output == prepared output bit for bit (both use qatfx.reference;
              a weight group holding NaN/inf stores codes 0 and dequantizes to NaN, as its
@@ -28,6 +30,7 @@ Ensures:     converted output == prepared output bit for bit (both use qatfx.ref
 from __future__ import annotations
 
 import operator
+from typing import Optional
 
 import torch
 import torch.fx
@@ -62,8 +65,14 @@ def _register_buffer(gm: torch.fx.GraphModule, qualified_name: str, value: torch
     owner.register_buffer(name, value)
 
 
-def _call(graph: torch.fx.Graph, target, args: tuple, name: str) -> torch.fx.Node:
-    return graph.create_node("call_function", target, args, name=name)
+def _call(graph: torch.fx.Graph, target, args: tuple, name: str, kwargs: Optional[dict] = None) -> torch.fx.Node:
+    return graph.create_node("call_function", target, args, kwargs, name=name)
+
+
+def _rule_kwargs(spec: QuantSpec) -> dict:
+    """quantize_dynamic's keyword-only `scale_rule`, only when not the default: a
+    torchao-rule node is the one the lowering patterns were written for."""
+    return {key: value for key, value in spec.op_kwargs().items() if key == "scale_rule"}
 
 
 def _convert_weight(gm: torch.fx.GraphModule, fq: torch.fx.Node, spec: QuantSpec) -> None:
@@ -72,9 +81,10 @@ def _convert_weight(gm: torch.fx.GraphModule, fq: torch.fx.Node, spec: QuantSpec
     weight = get_attr_value(gm, param_node.target).detach()
     if transposed:
         weight = weight.t()
-    scale, zero = reference.choose_qparams(weight, spec.qmin, spec.qmax, spec.group_size, spec.symmetric, spec.eps, spec.scale_dtype)
+    q, scale, zero = reference.quantize_dynamic(
+        weight, spec.qmin, spec.qmax, spec.group_size, spec.symmetric, spec.eps, spec.scale_dtype, spec.scale_rule
+    )
     base = param_node.target
-    q = reference.quantize(weight, scale, zero, spec.qmin, spec.qmax, spec.group_size)
     if warn_non_finite_weight(base.removesuffix(".weight"), weight, "convert_pt2e"):
         q = zero_codes_of_non_finite_groups(q, scale)
     fmt = format_for(spec)
@@ -140,6 +150,7 @@ def _convert_activation(gm: torch.fx.GraphModule, fq: torch.fx.Node, spec: Quant
             quantize_dynamic,
             (x, spec.qmin, spec.qmax, spec.group_size, spec.symmetric, spec.eps, spec.scale_dtype),
             f"quant_{x.name}",
+            _rule_kwargs(spec),
         )
         q, scale, zero = (
             _call(graph, operator.getitem, (qparams, i), f"{part}_{x.name}")

@@ -109,6 +109,24 @@ def test_group_size_the_kernel_cannot_take_is_skipped_and_decomposed():
     assert_matches_eager(out, expected)
 
 
+def test_ggml_rule_activations_are_left_to_their_own_op():
+    # LlamaCppQuantizer: Q8_0 activations (groups of 32, scale_rule="ggml"). The kernel
+    # needs per-token activations, so the linears are refused; the decomposition is the
+    # torchao rule, so the ggml quantize_dynamic is not rewritten and runs its reference
+    # math. Without biases or epilogues every other step is exact too (products of codes
+    # and scales, the same mm), so the compiled output is the eager one bit for bit.
+    model = nn.Sequential(nn.Linear(64, 64, bias=False), nn.Linear(64, 32, bias=False))
+    x = torch.randn(5, 64)
+    prepared = qatfx.prepare_pt2e(model.eval(), qatfx.quantizer.LlamaCppQuantizer(), (x,))
+    expected, out, code = compile_and_run(qatfx.convert_pt2e(prepared).eval(), x, backend="qatfx")
+    assert counters["qatfx"]["skipped:w4a8_linear_2d"] == 2
+    assert counters["qatfx"]["decompose_quantize_dynamic"] == 0
+    assert counters["qatfx"]["skipped:decompose_quantize_dynamic"] == 0  # not even matched
+    assert counters["qatfx"]["decompose_int4_packed"] == 2
+    assert "qatfx.quantize_dynamic" in code and "w4a8_linear" not in code
+    torch.testing.assert_close(out, expected, atol=0, rtol=0)
+
+
 @pytest.mark.parametrize(
     "config, fired, not_fired",
     [
