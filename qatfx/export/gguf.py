@@ -23,6 +23,7 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from qatfx import reference
 from qatfx.export.gguf_blocks import BLOCK, block_problem, fp16_problem, q4_0_bytes, q8_0_bytes
 from qatfx.export.llama_layout import LlamaHParams, UnsupportedModel, config_of, hf_names, llama_hparams
 from qatfx.export.verify import ExportError, VerificationError
@@ -79,7 +80,8 @@ class GGUFExport:
         out += [f"  rounded: {name}: {reason}; {moved} weights moved" for name, (reason, moved) in self.rounded.items()]
         out += [f"  differs from the converted model: {d}" for d in self.differences]
         if self.verified is not None:
-            out.append(f"  verified: {self.verified} tensors read back and dequantized with gguf's own dequantizer equal the converted model's")
+            out.append(f"  verified: {self.verified} tensors read back and dequantized with gguf's own dequantizer equal the converted "
+                       "model's (a rounded layer: its reported rounding)")
         return out
 
 
@@ -87,8 +89,8 @@ class GGUFExport:
 class _Tensor:
     data: np.ndarray
     ggml_type: Any  # gguf.GGMLQuantizationType
-    expected: torch.Tensor  # what dequantizing it must give: the converted model's values (rotary rows applied)
-    exact: bool  # written without rounding
+    expected: torch.Tensor  # what dequantizing it must give (rotary rows applied): the converted model's values, or their reported rounding
+    exact: bool  # the file holds `expected` exactly (False: a float table stored Q8_0 / F16 by choice)
 
 
 def _gguf():
@@ -99,35 +101,49 @@ def _gguf():
     return gguf
 
 
-def _mapping_problem(weight: QuantizedWeight) -> Optional[str]:
+def _bits(weight: QuantizedWeight) -> int:
+    return weight.spec.bits if weight.spec is not None else (4 if int(weight.codes.abs().max()) <= 8 else 8)
+
+
+def _layout_problem(weight: QuantizedWeight) -> Optional[str]:
+    """Why the grid is not a Q4_0/Q8_0 grid at all (the scales aside), or None."""
     spec = weight.spec
     if spec is not None and not spec.symmetric or weight.zeros is not None and bool(weight.zeros.any()):
         return "asymmetric (a zero point): Q4_0/Q8_0 grids are symmetric"
-    bits = spec.bits if spec is not None else (4 if int(weight.codes.abs().max()) <= 8 else 8)
-    if bits not in (4, 8):
-        return f"{bits}-bit codes: GGUF's exact targets are Q4_0 (4-bit) and Q8_0 (8-bit)"
-    return block_problem(weight.group_size, weight.shape[1]) or fp16_problem(weight.scales)
+    if _bits(weight) not in (4, 8):
+        return f"{_bits(weight)}-bit codes: GGUF's exact targets are Q4_0 (4-bit) and Q8_0 (8-bit)"
+    return block_problem(weight.group_size, weight.shape[1])
 
 
-def _quantized_tensor(gguf, weight: QuantizedWeight, heads: Optional[int], allow_rounding: bool) -> tuple[_Tensor, Optional[tuple]]:
-    """The weight as Q4_0 / Q8_0 from its codes; with a problem, refused or (allow_rounding) rounded."""
+def _quantized_tensor(gguf, weight: QuantizedWeight, heads: Optional[int], allow_rounding: bool) -> tuple[Optional[_Tensor], Optional[tuple]]:
+    """The weight as Q4_0 / Q8_0 from its codes: (tensor, None) when exact; (None, reason) when
+    it is not and rounding is not allowed; (tensor, (reason, weights moved)) when rounded."""
     codes, scales = weight.codes, weight.scales
     expected = weight.dequantized(torch.float32)
     if heads is not None:
         codes, scales, expected = rotary_rows(codes, heads), rotary_rows(scales, heads), rotary_rows(expected, heads)
-    problem = _mapping_problem(weight)
-    bits = weight.spec.bits if weight.spec is not None else (4 if int(codes.abs().max()) <= 8 else 8)
-    if problem is None:
-        encode = q4_0_bytes if bits == 4 else q8_0_bytes
-        ggml = gguf.GGMLQuantizationType.Q4_0 if bits == 4 else gguf.GGMLQuantizationType.Q8_0
-        return _Tensor(encode(codes, scales, weight.group_size), ggml, expected, True), None
-    if not allow_rounding:
-        return None, problem
-    # llama.cpp's own quantizer on the converted weights (the dequantize -> llama-quantize route)
+    bits = _bits(weight)
     ggml = gguf.GGMLQuantizationType.Q4_0 if bits <= 4 else gguf.GGMLQuantizationType.Q8_0
+    layout, scale_problem = _layout_problem(weight), fp16_problem(weight.scales)
+    if layout is None:
+        encode = q4_0_bytes if bits == 4 else q8_0_bytes
+        if scale_problem is None:
+            return _Tensor(encode(codes, scales, weight.group_size), ggml, expected, True), None
+        if not allow_rounding:
+            return None, scale_problem
+        # the trained codes kept, only the scales rounded to fp16: every value moves by < 2^-11 relative
+        scales16 = scales.to(torch.float16)
+        rounded = reference.dequantize(codes, scales16, None, weight.group_size, torch.float32)
+        moved = int((rounded != expected).sum())
+        return _Tensor(encode(codes, scales16, weight.group_size), ggml, rounded, True), (f"{scale_problem}; codes kept, scales rounded to fp16", moved)
+    if not allow_rounding:
+        return None, layout
+    # no Q4_0/Q8_0 grid holds it: llama.cpp's own quantizer on the converted weights (what
+    # the dequantize -> llama-quantize route does to every layer)
     data = gguf.quants.quantize(expected.numpy(), ggml)
-    moved = int((torch.from_numpy(gguf.quants.dequantize(data, ggml)).reshape(expected.shape) != expected).sum())
-    return _Tensor(data, ggml, expected, False), (problem, moved)
+    requantized = torch.from_numpy(np.array(gguf.quants.dequantize(data, ggml), dtype=np.float32)).reshape(expected.shape)
+    moved = int((requantized != expected).sum())
+    return _Tensor(data, ggml, requantized, True), (f"{layout}; requantized with llama.cpp's {ggml.name} quantizer", moved)
 
 
 def _float_tensor(gguf, tensor: torch.Tensor, kind: str, heads: Optional[int] = None) -> _Tensor:
@@ -343,7 +359,7 @@ def _differences(converted, tensors: dict) -> list:
                 f"activations: trained as {spec.describe()}; llama.cpp's CPU path quantizes them as Q8_0 (symmetric int8 per 32 "
                 "along K, fp16 scale); train with qatfx.LlamaCppQuantizer to match it"
             )
-    rounded = [n for n, t in tensors.items() if not t.exact and t.ggml_type.name != "F32"]
+    rounded = [n for n, t in tensors.items() if not t.exact]
     if rounded:
         found.append(f"float tensors stored rounded ({', '.join(rounded)}): Q8_0/F16 as chosen by embeddings= / output=")
     return found

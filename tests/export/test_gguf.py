@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import qatfx
+from qatfx import reference
 from qatfx.export import ExportError
 from qatfx.export.gguf import gguf, gguf_name, rotary_rows
 from qatfx.export.gguf_blocks import q4_0_bytes, q8_0_bytes
@@ -144,12 +145,20 @@ def test_unmappable_layers_are_named_and_rounding_is_reported(tmp_path):
     assert not (tmp_path / "r.gguf").exists()
     report = gguf(converted, tmp_path / "r.gguf", config=LLAMA_STYLE, allow_rounding=True)
     assert report.quantized_layers == 0 and len(report.rounded) == 15
-    assert all(moved > 0 for _, moved in report.rounded.values())
+    assert report.verified == 20  # the rounded grids too: trained codes x fp16(scale), read back exactly
+    weight = converted_tensors(converted).quantized["blocks.0.up_proj.weight"]
+    reason, moved = report.rounded["blk.0.ffn_up.weight"]
+    assert "codes kept, scales rounded to fp16" in reason
+    rounded = reference.dequantize(weight.codes, weight.scales.half(), None, 32, torch.float32)
+    assert moved == int((rounded != weight.dequantized()).sum()) > 0
 
     g16 = qatfx.Int8DynActInt4WeightQuantizer(16, scales_precision=torch.float16)
     converted = qatfx.convert_pt2e(qatfx.prepare_pt2e(model, g16, (tokens(2, 8, 96),)).eval())
     with pytest.raises(ExportError, match="group size 16 is not a multiple of 32"):
         gguf(converted, tmp_path / "g.gguf", config=LLAMA_STYLE)
+    report = gguf(converted, tmp_path / "g.gguf", config=LLAMA_STYLE, allow_rounding=True)
+    reason, moved = report.rounded["blk.0.attn_q.weight"]
+    assert "requantized with llama.cpp's Q4_0 quantizer" in reason and moved > 0 and report.verified == 20
 
 
 def test_bfloat16_scales_are_fp16_values(tmp_path):
