@@ -6,8 +6,10 @@ Rewrites to: qatfx::w4a8_linear(x_q, x_scale, x_zero, w_packed, w_scales, w_grou
              bias, residual, group_size, activation, compute_dtype, out_dtype), and the
              aten math of qatfx::quantize_dynamic / dequantize / dequantize_int4.
 Requires:    a normalized, functional post-grad graph (Inductor's post_grad_custom_pre_pass).
-Ensures:     no qatfx quantize/dequantize op is left for Inductor to call eagerly; every
-             rewrite is counted in counters["qatfx"]; numerics as in w4a8_linear.py.
+Ensures:     no torchao-rule qatfx quantize/dequantize op is left for Inductor to call
+             eagerly (a scale_rule="ggml" quantize_dynamic, LlamaCppQuantizer's, is left as
+             the op: its fp16 scale rounding must not be fused away); every rewrite is
+             counted in counters["qatfx"]; numerics as in w4a8_linear.py.
 
     before: dq_x = qatfx.dequantize(q, s, z, -1, f32)       after: y = qatfx.w4a8_linear(
             w = qatfx.dequantize_int4(p, ws, wsum, 32, f32)            q, s, z, p, ws, wsum,

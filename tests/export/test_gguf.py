@@ -237,3 +237,18 @@ def _hf_llama(vocab: int):
     from tests.model_zoo import _hf
 
     return _hf("LlamaConfig", "LlamaForCausalLM", vocab_size=vocab)()
+
+
+def test_missing_gguf_names_the_extra(monkeypatch, llama_style):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_gguf(name, *args, **kwargs):
+        if name == "gguf" or name.startswith("gguf."):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_gguf)
+    with pytest.raises(ExportError, match=r"pip install -e '\.\[gguf\]'"):
+        gguf(llama_style[1], "unused.gguf", config=LLAMA_STYLE)
