@@ -69,6 +69,7 @@ from qatfx.export.verify import (
     compare_logits,
     held_out_inputs,
     logits_of,
+    mismatch_message,
 )
 from qatfx.export.weights import QuantizedWeight, converted_tensors
 from qatfx.graph.meta import CONVERTED
@@ -338,13 +339,12 @@ def verify_hf(
     log.info("qatfx: %s", report)
     if not logits.passed:
         raise VerificationError(
-            f"{path} in transformers does not compute what {what} computes "
-            f"({logits.batches} held-out inputs, {logits.positions} positions):\n"
-            + "\n".join(f"  {line}" for line in logits.failures)
-            + f"\n  (max |logit difference| {logits.max_abs_error:.3g})\n"
-            "The weights match bit for bit, so the difference is in the float computation around them (a config "
-            "field the converted model does not follow: rope, norm eps, head dim?). If it is expected, pass "
-            "max_relative_error= / min_next_token_agreement=",
+            mismatch_message(
+                f"{path} in transformers does not compute what {what} computes", logits,
+                "The weights match bit for bit, so the difference is in the float computation around them (a config "
+                "field the converted model does not follow: rope, norm eps, head dim?). If it is expected, pass "
+                "max_relative_error= / min_next_token_agreement=",
+            ),
             report,
         )
     return report

@@ -194,16 +194,24 @@ def verify_pte(
              pte_path, report.positions, 100 * report.next_token_agreement, report.relative_error)
     if not report.passed:
         raise VerificationError(
-            f"{pte_path} does not compute what the converted model computes "
-            f"({report.batches} held-out inputs, {report.positions} positions):\n"
-            + "\n".join(f"  {line}" for line in report.failures)
-            + f"\n  (max |logit difference| {report.max_abs_error:.3g})\n"
-            "Was the .pte exported from this converted model? If the difference is expected, change the threshold: "
-            "min_next_token_agreement= / max_relative_error= (verify_pte, qatfx.export.executorch) or "
-            "--min-agreement / --max-relative-error (qatfx export, qatfx verify)",
+            mismatch_message(
+                f"{pte_path} does not compute what the converted model computes", report,
+                "Was the .pte exported from this converted model? If the difference is expected, change the threshold: "
+                "min_next_token_agreement= / max_relative_error= (verify_pte, qatfx.export.executorch) or "
+                "--min-agreement / --max-relative-error (qatfx export, qatfx verify)",
+            ),
             report,
         )
     return report
+
+
+def mismatch_message(what: str, report: "VerifyReport", advice: str) -> str:
+    """A failed comparison, worded the same for every runtime: the numbers, then the advice."""
+    return (
+        f"{what} ({report.batches} held-out inputs, {report.positions} positions):\n"
+        + "\n".join(f"  {line}" for line in report.failures)
+        + f"\n  (max |logit difference| {report.max_abs_error:.3g})\n" + advice
+    )
 
 
 def compare_logits(

@@ -15,6 +15,7 @@ from qatfx.export.executorch import rewritten_copy
 from qatfx.graph.linear_sites import get_attr_value
 from qatfx.graph.regions import graph_regions
 from tests.export.decisions import assert_same_logits_and_tokens
+from tests.export.training import qat_steps
 from tests.model_zoo import BY_NAME
 from tests.models import TinyLM, tokens
 
@@ -28,19 +29,6 @@ def run_pte(path, *args) -> torch.Tensor:
     return method.execute(list(args))[0]
 
 
-def _qat_steps(prepared, vocab, steps=2, compiled=False):
-    opt = torch.optim.AdamW(prepared.parameters(), lr=1e-3)
-    forward = torch.compile(prepared) if compiled else prepared
-    for step in range(steps):
-        ids = tokens(2, 8, vocab, 10 + step)
-        logits = forward(ids)
-        logits = getattr(logits, "logits", logits)
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-
-
 @pytest.fixture(scope="module")
 def tied_toy(tmp_path_factory):
     """A tied-embedding Llama-style model, trained a few compiled QAT steps with 8da4w in
@@ -49,7 +37,7 @@ def tied_toy(tmp_path_factory):
     prepared = qatfx.prepare_pt2e(
         TinyLM(tie=True).train(), qatfx.Int8DynActInt4WeightQuantizer(GROUP, scales_precision=torch.bfloat16), (tokens(),)
     )
-    _qat_steps(prepared, 96, steps=3, compiled=True)
+    qat_steps(prepared, 96, steps=3, compiled=True)
     converted = qatfx.convert_pt2e(prepared.eval())
     report = qatfx.export.executorch(converted, tmp_path_factory.mktemp("pte") / "toy.pte")
     return converted, report

@@ -16,6 +16,7 @@ from qatfx.export.gguf_blocks import q4_0_bytes, q8_0_bytes
 from qatfx.export.weights import converted_tensors
 from qatfx.recipes.model import CausalLM, LMConfig
 from tests.model_zoo import BY_NAME
+from tests.export.training import qat_steps
 from tests.models import tokens
 
 gguf_package = pytest.importorskip("gguf", reason="the gguf extra: pip install -e '.[gguf]'")
@@ -23,19 +24,6 @@ Q4_0 = gguf_package.GGMLQuantizationType.Q4_0
 
 LLAMA_STYLE = LMConfig(vocab_size=96, dim=64, layers=2, heads=4, kv_heads=2, hidden=128, tie_embeddings=True)
 FP16_8DA4W = qatfx.Int8DynActInt4WeightQuantizer(32, scales_precision=torch.float16)
-
-
-def _train(prepared, vocab, steps=2):
-    """A few compiled QAT steps, so the grid is a trained one, not the initialization's."""
-    opt = torch.optim.AdamW(prepared.parameters(), lr=1e-3)
-    forward = torch.compile(prepared)
-    for step in range(steps):
-        ids = tokens(2, 8, vocab, 10 + step)
-        out = forward(ids)
-        logits = getattr(out, "logits", out)
-        torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).backward()
-        opt.step()
-        opt.zero_grad()
 
 
 def _dequantized(data: np.ndarray, qtype, shape) -> torch.Tensor:
@@ -84,7 +72,7 @@ def llama_style(tmp_path_factory):
     torch.manual_seed(0)
     model = CausalLM(LLAMA_STYLE)
     prepared = qatfx.prepare_pt2e(model, FP16_8DA4W, (tokens(2, 8, 96),)).train()
-    _train(prepared, 96)
+    qat_steps(prepared, 96, compiled=True)
     converted = qatfx.convert_pt2e(prepared.eval())
     vocabulary = [chr(32 + i) for i in range(95)]
     report = gguf(converted, tmp_path_factory.mktemp("gguf") / "model.gguf", config=LLAMA_STYLE, vocabulary=vocabulary)

@@ -12,7 +12,7 @@ import qatfx
 from qatfx.export.gguf import gguf
 from qatfx.recipes.corpus import CharTokenizer
 from qatfx.recipes.model import CausalLM, LMConfig
-from tests.export.test_gguf import _train
+from tests.export.training import qat_steps
 
 pytestmark = pytest.mark.long
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python (a source build): pip install llama-cpp-python")
@@ -51,7 +51,7 @@ def _compare(path, converted) -> tuple[float, float, torch.Tensor]:
 def _converted(quantizer):
     torch.manual_seed(0)
     prepared = qatfx.prepare_pt2e(CausalLM(CONFIG), quantizer, (CHARS.encode(TEXT)[:32].view(2, 16),)).train()
-    _train(prepared, CONFIG.vocab_size, steps=3)
+    qat_steps(prepared, CONFIG.vocab_size, steps=3, compiled=True)
     return qatfx.convert_pt2e(prepared.eval())
 
 

@@ -17,6 +17,7 @@ from qatfx.export.llama_layout import hf_name, llama_hparams
 from qatfx.export.weights import converted_tensors
 from qatfx.recipes.model import CausalLM, LMConfig
 from qatfx.spec import PerChannel, PerGroup, QuantSpec, int4_per_group_weight
+from tests.export.training import qat_steps
 from tests.model_zoo import BY_NAME
 from tests.models import TinyLM, tokens
 
@@ -35,22 +36,10 @@ def weight_only(scales=torch.bfloat16, **kwargs) -> qatfx.Quantizer:
     return qatfx.Quantizer(None, int4_per_group_weight(GROUP, scales), **kwargs)
 
 
-def _qat_steps(prepared, vocab, steps=2):
-    opt = torch.optim.AdamW(prepared.parameters(), lr=1e-3)
-    for step in range(steps):
-        ids = tokens(2, 8, vocab, 10 + step)
-        logits = prepared(ids)
-        logits = getattr(logits, "logits", logits)
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-
-
 def _converted(model, quantizer, vocab=VOCAB, steps=2, **prepare):
     torch.manual_seed(0)
     prepared = qatfx.prepare_pt2e(model.train(), quantizer, (tokens(2, 8, vocab, 0),), **prepare)
-    _qat_steps(prepared, vocab, steps)
+    qat_steps(prepared, vocab, steps)
     return qatfx.convert_pt2e(prepared.eval())
 
 
