@@ -47,14 +47,17 @@ def export_and_time(scheme: str, converted: torch.nn.Module, float_model: torch.
     except ImportError as exc:  # pragma: no cover - the extra is installed in CI
         log.warning("qatfx demo: skipping the ExecuTorch step (%s); pip install -e \".[executorch]\"", exc)
         return None
+    # The float model is timed first: once an XNNPACK program has run in this process (the
+    # export's verification does), its worker threads compete with torch's for the 2 cores
+    # and eager torch measured up to 10x slower, which would overstate the ratio.
+    float_model = float_model.eval()
+    with torch.no_grad():
+        float_rate = _rate(lambda: float_model(example), tuple(example.shape))
     try:
         report = qatfx.export.executorch(converted, out_dir / "qat.pte")
     except qatfx.export.ExportError as exc:
         log.warning("qatfx demo: skipping the ExecuTorch step: %s", exc)
         return None
-    float_model = float_model.eval()
-    with torch.no_grad():
-        float_rate = _rate(lambda: float_model(example), tuple(example.shape))
     method = load_method(report.path)
     pte_rate = _rate(lambda: method.execute([example]), tuple(example.shape))
     return DeployResult(
