@@ -25,7 +25,7 @@ import torch
 
 from qatfx import reference
 from qatfx.export.gguf_blocks import BLOCK, block_problem, fp16_problem, q4_0_bytes, q8_0_bytes
-from qatfx.export.llama_layout import LlamaHParams, UnsupportedModel, config_of, hf_names, llama_hparams
+from qatfx.export.llama_layout import LlamaHParams, UnsupportedModel, config_of, expected_tensors, hf_names, llama_hparams
 from qatfx.export.verify import ExportError, VerificationError
 from qatfx.export.weights import QuantizedWeight, converted_tensors
 from qatfx.spec import q8_0_activation
@@ -174,6 +174,10 @@ def _collect(gguf, converted, hp: LlamaHParams, embeddings: str, output: str, al
         by_hf["model.embed_tokens.weight"] = by_hf.pop("lm_head.weight")  # one table, stored under the head's name
     if "model.embed_tokens.weight" in by_hf and by_hf.get("lm_head.weight") == by_hf["model.embed_tokens.weight"]:
         del by_hf["lm_head.weight"]  # tied: llama.cpp reads token_embd for the output
+    missing = [n for n in expected_tensors(hp) if n not in by_hf and not (n == "lm_head.weight" and hp.tie_word_embeddings)]
+    if missing:
+        raise UnsupportedModel(f"the model lacks tensors a Llama with this config has: {', '.join(missing[:4])}"
+                               f"{' ...' if len(missing) > 4 else ''}; is config= this model's?")
     out: dict = {}
     problems: dict = {}
     rounded: dict = {}
@@ -204,8 +208,8 @@ def _collect(gguf, converted, hp: LlamaHParams, embeddings: str, output: str, al
         raise ExportError(
             f"{len(problems)} quantized layer(s) cannot be written to GGUF without changing their trained grid:\n{listed}\n"
             "Train with a grid llama.cpp stores exactly (qatfx.LlamaCppQuantizer, or group_size a multiple of 32 "
-            "with scales_precision=torch.float16), or pass allow_rounding=True (CLI: --allow-rounding) to write them "
-            "rounded and report how many weights moved"
+            "with scales_precision=torch.bfloat16, whose scales fp16 holds exactly), or pass allow_rounding=True "
+            "(CLI: --allow-rounding) to write them rounded and report how many weights moved"
         )
     return out, rounded, quantized
 

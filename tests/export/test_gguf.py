@@ -172,6 +172,9 @@ def test_models_it_cannot_write_are_refused(tmp_path):
     biased = LMConfig(vocab_size=96, dim=64, layers=2, hidden=128, o_proj_bias=True)
     with pytest.raises(ExportError, match="o_proj_bias=False"):
         gguf(converted, tmp_path / "b.gguf", config=biased)
+    three_layers = LMConfig(vocab_size=96, dim=64, layers=3, heads=4, kv_heads=2, hidden=128, tie_embeddings=True)
+    with pytest.raises(ExportError, match=r"lacks tensors a Llama with this config has: model\.layers\.2\..*is config= this model's"):
+        gguf(converted, tmp_path / "l.gguf", config=three_layers)
     with pytest.raises(ValueError, match="embeddings='q4'"):
         gguf(converted, tmp_path / "e.gguf", config=LLAMA_STYLE, embeddings="q4")
     assert not list(tmp_path.iterdir())
