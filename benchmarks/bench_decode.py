@@ -148,7 +148,10 @@ def main() -> int:
     }
 
     checks, logits = [], {}
-    with torch.no_grad():
+    # A warm FX graph / AOTAutograd cache would skip qatfx's pass and report no rewrites:
+    # compile cold, so the rewrites run and are counted.
+    with torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=False), \
+            torch._functorch.config.patch(enable_autograd_cache=False):
         for name, (eager, compiled) in paths.items():
             t0 = time.perf_counter()
             ref, out = eager(*state)[0], compiled(*state)[0]
