@@ -83,6 +83,8 @@ def _parser() -> argparse.ArgumentParser:
     finetune.add_argument("--text", type=Path, required=True, help="UTF-8 text file (last 5%% held out for test)")
     finetune.add_argument("--out", type=Path, required=True, help="output directory: the converted model (qatfx.save format), its tokenizer, the report")
     finetune.add_argument("--group-size", type=_positive_int, default=32)
+    finetune.add_argument("--scales-precision", choices=("float32", "bfloat16"), default="float32",
+                          help="weight scale dtype; bfloat16 exports without rounding to ExecuTorch, GGUF and HF (bf16)")
     finetune.add_argument("--steps", type=_positive_int, default=100)
     finetune.add_argument("--lr", type=float, default=1e-4)
     finetune.add_argument("--fake-quant-after", type=int, default=0, help="train in float for N < --steps steps first (torchtune's fake_quant_after_n_steps)")
@@ -255,7 +257,8 @@ def _run(args: argparse.Namespace) -> int:
         from qatfx.recipes.finetune import FinetuneOptions, finetune
 
         options = FinetuneOptions(
-            model=args.model, text=args.text, out=args.out, group_size=args.group_size, steps=args.steps,
+            model=args.model, text=args.text, out=args.out, group_size=args.group_size,
+            scales_precision=args.scales_precision, steps=args.steps,
             lr=args.lr, fake_quant_after=args.fake_quant_after, batch_size=args.batch_size, seq_len=args.seq_len,
             compile=not args.eager,
         )

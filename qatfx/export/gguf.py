@@ -209,7 +209,8 @@ def _collect(gguf, converted, hp: LlamaHParams, embeddings: str, output: str, al
             f"{len(problems)} quantized layer(s) cannot be written to GGUF without changing their trained grid:\n{listed}\n"
             "Train with a grid llama.cpp stores exactly (qatfx.LlamaCppQuantizer, or group_size a multiple of 32 "
             "with scales_precision=torch.bfloat16, whose scales fp16 holds exactly), or pass allow_rounding=True "
-            "(CLI: --allow-rounding) to write them rounded and report how many weights moved"
+            "(CLI: --allow-rounding) to write them rounded and report how many weights moved; `qatfx finetune "
+            "--scales-precision bfloat16` trains an exact grid"
         )
     return out, rounded, quantized
 

@@ -174,6 +174,9 @@ class FinetuneOptions:
     text: Path
     out: Path
     group_size: int = 32
+    # the weight scales' dtype: bfloat16 is the grid ExecuTorch stores and GGUF (fp16) and a
+    # bf16 checkpoint hold exactly; float32 (torchao's default) is rounded by all three
+    scales_precision: str = "float32"
     steps: int = 100
     lr: float = 1e-4
     fake_quant_after: int = 0
@@ -210,7 +213,7 @@ def finetune(options: FinetuneOptions) -> dict:
     check_seq_len(options.seq_len, loaded.max_positions)
     encode = loaded.tokenizer.encode
     train_tokens, test_tokens = encode(splits.train), encode(splits.test)
-    quantizer = qatfx.Int8DynActInt4WeightQuantizer(options.group_size)
+    quantizer = qatfx.Int8DynActInt4WeightQuantizer(options.group_size, scales_precision=getattr(torch, options.scales_precision))
     example = train_tokens[: 2 * 16].view(2, 16)
     seq = options.seq_len
     config = TrainConfig(steps=options.steps, batch_size=options.batch_size, seq_len=seq, lr=options.lr,
@@ -347,7 +350,8 @@ def _markdown(options: FinetuneOptions, report: dict) -> str:
     lines = [
         f"# qatfx finetune: {options.model}", "",
         f"- text: {options.text}; train: the first 90%, test: the last 5% ({report['test_tokens']:,} tokens)",
-        f"- 8da4w (int8 per-token activations, int4 weights in groups of {options.group_size}); {options.steps} steps, "
+        f"- 8da4w (int8 per-token activations, int4 weights in groups of {options.group_size}, {options.scales_precision} "
+        f"scales); {options.steps} steps, "
         f"lr {options.lr}, batch {options.batch_size} x {options.seq_len} tokens, seed {options.seed}, "
         f"fake-quant after {options.fake_quant_after} steps",
         "- perplexity: exp(mean next-token NLL) on the test split, windows of the sequence length; lower is better",

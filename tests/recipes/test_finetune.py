@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 import qatfx
 from qatfx.cli import main
@@ -65,11 +66,11 @@ def test_linear_input_sizes_come_from_the_modules_of_every_family(tmp_path, fami
         check_group_size(loaded, 48)
 
 
-def finetune_and_eval(tmp_path: Path, text_file: Path, checkpoint) -> tuple[dict, Path]:
+def finetune_and_eval(tmp_path: Path, text_file: Path, checkpoint, *extra: str) -> tuple[dict, Path]:
     out = tmp_path / "out"
     # 3 steps, fake-quant from step 2: steps 0-1 are float in both runs
     argv = ["finetune", "--model", str(checkpoint), "--text", str(text_file), "--out", str(out), "--steps", "3",
-            "--fake-quant-after", "2", "--seq-len", "32", "--batch-size", "2", "--lr", "1e-3", "--eager"]
+            "--fake-quant-after", "2", "--seq-len", "32", "--batch-size", "2", "--lr", "1e-3", "--eager", *extra]
     assert main(argv) == 0
     return json.loads((out / "report.json").read_text()), out
 
@@ -124,7 +125,9 @@ def test_finetune_then_eval_llama_with_its_tokenizer(tmp_path, text_file, capsys
 
 def test_finetune_then_eval_builtin_charlm(tmp_path, text_file, capsys):
     text_file.write_text(text_file.read_text()[:20_000])  # its 4-layer, 128-wide model evaluates slowly
-    report, out = finetune_and_eval(tmp_path, text_file, "builtin:charlm")
+    report, out = finetune_and_eval(tmp_path, text_file, "builtin:charlm", "--scales-precision", "bfloat16")
+    # bf16 scales: the grid ExecuTorch stores and GGUF / a bf16 checkpoint hold exactly
+    assert {r.weight_spec.scale_dtype for r in qatfx.load(out).qatfx_layers if r.quantized} == {torch.bfloat16}
     chars = json.loads((out / SIDECAR).read_text())["tokenizer"]
     assert chars["kind"] == "chars" and set(chars["chars"]) == set(split_text(load_text(text_file)).train)
     check_output(tmp_path, text_file, report, out, capsys)
