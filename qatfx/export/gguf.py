@@ -4,11 +4,11 @@ every int4 linear in Q4_0 holding the trained codes and scales (docs/export_gguf
 The usual route (dequantize -> convert_hf_to_gguf -> llama-quantize) recomputes every block
 scale from the float weights; this writes convert's own grid, so the file's weights are the
 converted model's, bit for bit, whenever the grid is expressible: symmetric, groups a
-multiple of 32, fp16 scales (train with `scales_precision=torch.float16`, or with
-`qatfx.LlamaCppQuantizer`, which also trains on llama.cpp's activation arithmetic).
+multiple of 32, scales that are fp16 values (bf16 scales are, in fp16's normal range; or
+train with `qatfx.LlamaCppQuantizer`, which also trains on llama.cpp's activation arithmetic).
 A layer that is not expressible is refused with the reason; `allow_rounding=True` writes it
-rounded (fp16 scales, or llama.cpp's own Q4_0 quantizer for other group sizes) and reports
-how many weights moved.
+rounded (the trained codes with fp16-rounded scales, or llama.cpp's own Q4_0 quantizer for
+other group sizes) and reports how many weights moved.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ class GGUFExport:
     tensor_types: dict = field(default_factory=dict)  # GGUF tensor name -> ggml type name
     differences: list = field(default_factory=list)
     bytes: int = 0
-    verified: Optional[int] = None  # tensors read back equal to the converted model's
+    verified: Optional[int] = None  # tensors read back equal to the converted model's (or its reported rounding)
 
     def lines(self) -> list:
         counts: dict = {}
