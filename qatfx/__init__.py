@@ -12,12 +12,14 @@ from qatfx.api import (
     disable_fake_quant,
     enable_fake_quant,
     fake_quant_enabled,
+    merge_lora,
     prepare_pt2e,
     prepare_qat_pt2e,
 )
 from qatfx.capture import CaptureError
 from qatfx.module import QATGraphModule
 from qatfx.passes.finite_check import NonFiniteWarning
+from qatfx.passes.lora import LoRA
 from qatfx.quantizer import (
     Int4WeightOnlyQuantizer,
     Int8DynActInt4WeightQuantizer,
@@ -37,6 +39,7 @@ __all__ = [
     "Int8DynActInt4WeightQuantizer",
     "Int8WeightOnlyQuantizer",
     "LlamaCppQuantizer",
+    "LoRA",
     "NonFiniteWarning",
     "PerChannel",
     "PerGroup",
@@ -53,6 +56,7 @@ __all__ = [
     "enable_fake_quant",
     "fake_quant_enabled",
     "load",
+    "merge_lora",
     "prepare_pt2e",
     "prepare_qat_pt2e",
     "save",

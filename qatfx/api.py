@@ -21,6 +21,7 @@ from qatfx.passes.fake_quant_toggle import set_fake_quant_enabled
 from qatfx.passes.finite_check import check_finite_requested, insert_finite_checks, warn_non_finite_weights
 from qatfx.passes.infra import run_pass
 from qatfx.passes.insert_fake_quant import fake_quant_nodes, insert_fake_quant
+from qatfx.passes.lora import LoRA, add_lora, lora_state, merge_adapters, refresh_frozen_weights
 from qatfx.quantizer import Quantizer
 from qatfx.region_capture import Regions, plan_regions, replace_module
 from qatfx.summary import layer_reports, outside_report, summary
@@ -41,6 +42,7 @@ def prepare_pt2e(
     strict: bool = False,
     dump_dir: PathLike = None,
     check_finite: Optional[bool] = None,
+    lora: Optional[LoRA] = None,
 ) -> torch.nn.Module:
     """Capture `model` with torch.export and insert fake-quant around its linear layers.
 
@@ -61,6 +63,9 @@ def prepare_pt2e(
         NaN/inf at run time; costs a copy of each linear input, so off by default (None
         reads QATFX_CHECK_FINITE=1). Non-finite weights are always reported, at prepare
         and at convert.
+    lora: a `qatfx.LoRA` config: low-rank adapters on the matched quantized layers, whose
+        base weights are frozen (docs/lora.md); whole-model capture only. Fold them with
+        `qatfx.merge_lora(prepared)` before convert_pt2e.
 
     `qatfx.summary(m)` lists quantized and skipped layers; the result is in the model's
     train/eval mode.
@@ -72,6 +77,10 @@ def prepare_pt2e(
             "dynamic_shapes= describes the whole model's inputs and applies to whole-model capture (regions=None); "
             "with regions, every dim of each region's recorded inputs is Dim.AUTO. Drop one of the two"
         )
+    if lora is not None and not isinstance(lora, LoRA):
+        raise TypeError(f"lora must be a qatfx.LoRA, got {type(lora).__name__}")
+    if lora is not None and regions is not None:
+        raise NotImplementedError("LoRA needs whole-model capture: pass regions=None with lora=")
     if regions is not None:
         prepared = _prepare_regions(model, quantizer, example_inputs, example_kwargs or {}, regions, strict, dump_dir, check_finite)
         layers = summary(prepared).layers
@@ -82,6 +91,8 @@ def prepare_pt2e(
         if isinstance(model, torch.nn.Module) and not isinstance(model, torch.fx.GraphModule):
             prepared.train(model.training)
         layers = _prepare_graph(prepared, quantizer, prepared.dump_folder(), check_finite)
+        if lora is not None:
+            _add_lora(prepared, lora)
     for report in layers:
         if not report.quantized:
             log.warning("qatfx: layer %s left in float: %s", report.layer, report.skip_reason)
@@ -155,6 +166,37 @@ def _prepare_regions(
 prepare_qat_pt2e = prepare_pt2e  # torchao's name
 
 
+def _add_lora(gm: QATGraphModule, config: LoRA) -> None:
+    run_pass(gm, "add_lora", add_lora(config), dump_dir=gm.dump_folder())
+    if config.mode == "torchtune":
+        # fq(W) is a non-persistent buffer: recompute it from the W a state_dict brings
+        gm.register_load_state_dict_post_hook(_refresh_after_load)
+
+
+def _refresh_after_load(module: torch.nn.Module, _incompatible_keys) -> None:
+    refresh_frozen_weights(module)
+
+
+def merge_lora(prepared: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `prepared` (sharing its other tensors) with every LoRA adapter folded into its
+    weight, W + s * (B @ A) with the graph's own ops, and plain fake-quant sites: ready for
+    convert_pt2e. In torchtune mode the copy's `qatfx_lora_merge_gap` maps each layer to the
+    weight-space SQNR (dB) of deployed fq(W + sBA) against trained fq(W) + sBA."""
+    target = _unwrap_compiled(prepared)
+    _require_stage(target, PREPARED, "merge_lora")
+    if is_regional(target) or lora_state(target) is None:
+        raise ValueError(
+            "merge_lora: this model has no LoRA adapters (prepare it with prepare_pt2e(..., lora=qatfx.LoRA(...)))"
+        )
+    merged = copy_sharing_tensors(target)
+    gaps: dict = {}
+    run_pass(merged, "merge_lora", merge_adapters(gaps), dump_dir=merged.dump_folder())
+    merged.qatfx_lora_merge_gap = gaps
+    for layer, db in gaps.items():
+        log.info("qatfx: LoRA merge gap %s: %.1f dB", layer, db)
+    return merged
+
+
 def _require_stage(module: Any, stage: str, action: str) -> None:
     current = model_stage(module)
     if current != stage:
@@ -170,6 +212,8 @@ def convert_pt2e(prepared: torch.nn.Module, *, dump_dir: PathLike = None) -> tor
     weights computed from the current parameters. Returns a new module (of the model's class
     for a region capture) whose output equals `prepared`'s exactly; `prepared` is left as it was."""
     _require_stage(prepared, PREPARED, "convert_pt2e")
+    if not is_regional(prepared) and lora_state(prepared) is not None:
+        raise ValueError("convert_pt2e: the model has unmerged LoRA adapters; call qatfx.merge_lora(prepared) first")
     if is_regional(prepared):
         converted = copy_model_sharing_tensors(prepared)
         regions = graph_regions(converted)
@@ -193,6 +237,7 @@ def _set_fake_quant(module: Any, enabled: bool) -> None:
     name = "enable_fake_quant" if enabled else "disable_fake_quant"
     for _, gm in graph_regions(target):
         run_pass(gm, name, set_fake_quant_enabled(enabled), dump_dir=gm.dump_folder())
+        refresh_frozen_weights(gm)  # torchtune-mode LoRA keeps fq(W) in a buffer
 
 
 def disable_fake_quant(module: Any) -> None:
