@@ -68,11 +68,12 @@ def test_tensor_names_are_llama_cpps():
 
 @pytest.fixture(scope="module")
 def llama_style(tmp_path_factory):
-    """The demo's model family, tied embeddings, GQA, trained two compiled QAT steps in fp16 scales."""
+    """The demo's model family, tied embeddings, GQA, trained two QAT steps in fp16 scales
+    (eager: the compiled path is the long llama.cpp test's)."""
     torch.manual_seed(0)
     model = CausalLM(LLAMA_STYLE)
     prepared = qatfx.prepare_pt2e(model, FP16_8DA4W, (tokens(2, 8, 96),)).train()
-    qat_steps(prepared, 96, compiled=True)
+    qat_steps(prepared, 96)
     converted = qatfx.convert_pt2e(prepared.eval())
     vocabulary = [chr(32 + i) for i in range(95)]
     report = gguf(converted, tmp_path_factory.mktemp("gguf") / "model.gguf", config=LLAMA_STYLE, vocabulary=vocabulary)
