@@ -109,7 +109,7 @@ class HfExport:
         return "\n".join(lines)
 
     def lines(self) -> list:
-        """The report as lines (what `print(report)` shows)."""
+        """The report as lines (`str(report)` split)."""
         return str(self).splitlines()
 
 

@@ -38,6 +38,8 @@ def test_q4_0_blocks_hold_the_codes_and_scales(group_size):
     codes = torch.randint(-8, 8, (6, 256), generator=gen, dtype=torch.int8)
     scales = (torch.rand(6, 256 // group_size, generator=gen) + 0.01).to(torch.float16)
     expected = codes.float() * scales.float().repeat_interleave(group_size, dim=1)
+    # exact on any CPU: an fp16 value (11-bit mantissa) times a code in [-8, 7] fits in
+    # float32's 24 bits, so numpy's product and torch's are the same float
     assert torch.equal(_dequantized(q4_0_bytes(codes, scales, group_size), Q4_0, codes.shape), expected)
 
 
