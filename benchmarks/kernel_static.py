@@ -144,11 +144,13 @@ def launch_arguments(case: Case) -> tuple[tuple, dict]:
     with mock.patch.object(w4a8, "_target_programs", lambda device: 2 * H200_SMS):
         plan = w4a8.launch_plan(m, n, k, g, torch.device("cuda"))
     t = lambda dtype: torch.empty(16, dtype=dtype)  # noqa: E731
-    out = t(torch.float32 if plan.split_k > 1 else torch.bfloat16)
-    args = (t(torch.int8), t(torch.float32), t(torch.float32), t(torch.uint8), t(torch.float32),
-            t(torch.int16), None, None, out,
+    split = plan.split_k > 1
+    workspace, counters = (t(torch.float32), t(torch.int32)) if split else (None, None)
+    # Scales and sums in convert's (N, K // G) layout: strides (K // G, 1).
+    args = (t(torch.int8), t(torch.float32), t(torch.float32), t(torch.int32), t(torch.float32),
+            t(torch.int16), None, None, t(torch.bfloat16), workspace, counters,
             m, n, k, triton.next_power_of_2(m), plan.groups_per_split,
-            k, k // 2, k // g, 0, n)
+            k, k // 8, k // g, 1, 0, n)
     half = g // 2
     kwargs = dict(GROUP_SIZE=g, CHUNK_BYTES=min(half, w4a8._MAX_CHUNK_BYTES),
                   JOIN_HALVES=half < w4a8._MIN_INT8_DOT_K, SPLIT_K=plan.split_k,

@@ -21,7 +21,7 @@ from qatfx.passes.fake_quant_toggle import set_fake_quant_enabled
 from qatfx.passes.finite_check import check_finite_requested, insert_finite_checks, warn_non_finite_weights
 from qatfx.passes.infra import run_pass
 from qatfx.passes.insert_fake_quant import fake_quant_nodes, insert_fake_quant
-from qatfx.passes.lora import LoRA, add_lora, lora_state, merge_adapters, refresh_frozen_weights
+from qatfx.passes.lora import LoRA, add_lora, frozen_fake_quant_flags, lora_state, merge_adapters, refresh_frozen_weights
 from qatfx.quantizer import Quantizer
 from qatfx.region_capture import Regions, plan_regions, replace_module
 from qatfx.summary import layer_reports, outside_report, summary
@@ -237,7 +237,7 @@ def _set_fake_quant(module: Any, enabled: bool) -> None:
     name = "enable_fake_quant" if enabled else "disable_fake_quant"
     for _, gm in graph_regions(target):
         run_pass(gm, name, set_fake_quant_enabled(enabled), dump_dir=gm.dump_folder())
-        refresh_frozen_weights(gm)  # torchtune-mode LoRA keeps fq(W) in a buffer
+        refresh_frozen_weights(gm, enabled)  # torchtune-mode LoRA keeps fq(W) in a buffer
 
 
 def disable_fake_quant(module: Any) -> None:
@@ -250,7 +250,11 @@ def enable_fake_quant(module: Any) -> None:
 
 
 def fake_quant_enabled(module: Any) -> bool:
-    return any(n.kwargs.get("enabled", True) for _, gm in graph_regions(module) for n in fake_quant_nodes(gm))
+    # torchtune-mode LoRA's fq(W) buffers count too: they may be the only fake-quants left
+    return any(
+        any(n.kwargs.get("enabled", True) for n in fake_quant_nodes(gm)) or any(frozen_fake_quant_flags(gm))
+        for _, gm in graph_regions(module)
+    )
 
 
 class FakeQuantAfterNSteps:

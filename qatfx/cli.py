@@ -43,6 +43,17 @@ def _non_negative(value: str) -> float:
     return number
 
 
+def _patterns(value: str) -> tuple:
+    patterns = tuple(p.strip() for p in value.split(",") if p.strip())
+    if not patterns:
+        raise argparse.ArgumentTypeError(f"{value!r}: give comma-separated layer name patterns, e.g. '*.q_proj,*.v_proj'")
+    return patterns
+
+
+def _lora_options(args: argparse.Namespace) -> dict:
+    return {"lora_alpha": args.lora_alpha, "lora_mode": args.lora_mode, "lora_targets": args.lora_targets}
+
+
 def _export_formats(value: str) -> tuple:
     from qatfx.recipes.deploy import FILE_FORMATS
 
@@ -90,6 +101,13 @@ def _parser() -> argparse.ArgumentParser:
     finetune.add_argument("--fake-quant-after", type=int, default=0, help="train in float for N < --steps steps first (torchtune's fake_quant_after_n_steps)")
     finetune.add_argument("--batch-size", type=_positive_int, default=8)
     finetune.add_argument("--seq-len", type=_positive_int, default=128)
+    finetune.add_argument("--lora-rank", type=_positive_int,
+                          help="QAT+LoRA: train only rank-R adapters on the frozen base, merged before convert (default: full QAT)")
+    finetune.add_argument("--lora-alpha", type=float, help="adapter scale alpha / rank (default alpha: 2 x rank)")
+    finetune.add_argument("--lora-mode", choices=("merge_consistent", "torchtune"),
+                          help="merge_consistent trains fq(W + sBA), exactly what is deployed; torchtune trains fq(W) + sBA (docs/lora.md)")
+    finetune.add_argument("--lora-targets", type=_patterns, default=None, metavar="PATTERNS",
+                          help="comma-separated fnmatch layer names (default: the Llama q/v/o/gate/up/down projections)")
     finetune.add_argument("--eager", action="store_true", help="train without torch.compile (debugging, tiny models)")
 
     evaluate = commands.add_parser("eval", help="test perplexity of a finetune output (or a float model) on a text file")
@@ -178,6 +196,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             load_text(args.text)  # fail early on a missing, empty or binary file
         if args.command in ("finetune", "eval"):
             _check_model_source(parser, args.model, args.command)
+        if args.command == "finetune" and args.lora_rank is None and any(v is not None for v in _lora_options(args).values()):
+            parser.error("--lora-alpha / --lora-mode / --lora-targets configure LoRA adapters; add --lora-rank R to train them")
         if args.command in ("export", "verify"):
             _check_export_args(parser, args)
             return _export_or_verify(args)
@@ -260,7 +280,8 @@ def _run(args: argparse.Namespace) -> int:
             model=args.model, text=args.text, out=args.out, group_size=args.group_size,
             scales_precision=args.scales_precision, steps=args.steps,
             lr=args.lr, fake_quant_after=args.fake_quant_after, batch_size=args.batch_size, seq_len=args.seq_len,
-            compile=not args.eager,
+            compile=not args.eager, lora_rank=args.lora_rank,
+            **{name: value for name, value in _lora_options(args).items() if value is not None},
         )
         report = finetune(options)
         sys.stdout.write((args.out / "report.md").read_text())

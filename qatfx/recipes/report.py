@@ -11,7 +11,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from qatfx.recipes.demo import DEPLOYED_SCHEME, DemoResult, mean_and_spread, recovered
+from qatfx.recipes.demo import DEPLOYED_SCHEME, SCHEMES, DemoResult, mean_and_spread, recovered
 
 
 def _fmt(values: list[float]) -> str:
@@ -82,9 +82,29 @@ def markdown_report(result: DemoResult) -> str:
         "",
         markdown_table(result),
         "",
+        *_lora_lines(result),
         *_deploy_lines(result.deploy),
         *_file_export_lines(result.file_exports),
     ])
+
+
+def _lora_lines(result: DemoResult) -> list:
+    """What the QAT+LoRA rows trained, and (torchtune mode) what merging changed."""
+    out = []
+    for row in result.rows:
+        mode = SCHEMES[row.scheme].lora_mode
+        if mode is None:
+            continue
+        trained, deployed = mean_and_spread(row.qat_fake_quant_ppl)[0], mean_and_spread(row.qat_ppl)[0]
+        share = f"{row.trainable_parameters:,} trainable parameters ({row.trainable_parameters / result.parameters:.1%})"
+        if mode == "merge_consistent":
+            out.append(f"- {row.scheme}: {share}; trains fq(W + sBA), so the merged, converted model scores "
+                       "exactly what trained (checked)")
+        else:
+            out.append(f"- {row.scheme}: {share}; trained fq(W) x_q + sBA x (perplexity {_fmt(row.qat_fake_quant_ppl)}), "
+                       f"deploys fq(W + sBA) x_q after merging ({_fmt(row.qat_ppl)}): the merge gap costs "
+                       f"{_pct(deployed, trained)} (merge_consistent mode has none)")
+    return [*out, ""] if out else []
 
 
 def _deploy_lines(deploy) -> list:

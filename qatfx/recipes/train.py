@@ -91,7 +91,9 @@ def _train(model, tokens, config, desc, step_hook, compile) -> list[float]:
     windows = random_windows(tokens, config.batch_size, config.seq_len + 1, generator)
     model.train()
     forward = torch.compile(model) if compile else model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    # only what trains: a LoRA model's frozen base stays out of the optimizer and the clipping
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     losses = []
     bar = tqdm(range(config.steps), desc=desc, leave=False, dynamic_ncols=True)
     for step in bar:
@@ -102,7 +104,7 @@ def _train(model, tokens, config, desc, step_hook, compile) -> list[float]:
         batch = next(windows)
         loss = lm_loss(forward(batch[:, :-1]), batch[:, 1:])
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())

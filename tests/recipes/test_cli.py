@@ -107,10 +107,20 @@ def test_tiny_demo_report(tmp_path, text_file, capsys):
     assert "| int4 g32 |" in capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
     assert {"corpus", "model", "parameters", "float_bytes", "float_ppl", "rows", "curves"} <= report.keys()
-    assert [row["scheme"] for row in report["rows"]] == ["int4 g32", "int3 per-channel"]
+    lora_rows = ["int4 g32 QAT+LoRA (r=8)", "int4 g32 QAT+LoRA (r=8, torchtune)"]
+    assert [row["scheme"] for row in report["rows"]] == ["int4 g32", "int3 per-channel", *lora_rows]
+    rows = {row["scheme"]: row for row in report["rows"]}
     for row in report["rows"]:
-        assert row["qat_ppl"] == row["qat_fake_quant_ppl"]  # the contract: converted == fake-quant
+        if row["scheme"] != lora_rows[1]:  # the contract: converted == fake-quant (merged first for LoRA)
+            assert row["qat_ppl"] == row["qat_fake_quant_ppl"]
         assert row["converted_bytes"] < report["float_bytes"]
+    # torchtune mode deploys fq(W + sBA), not the trained fq(W) + sBA: the merge moves the perplexity
+    assert rows[lora_rows[1]]["qat_ppl"] != rows[lora_rows[1]]["qat_fake_quant_ppl"]
+    # adapters only: rank 8 on 6 of the 7 linears of one block (dim 64, hidden 128), A (8 x K) + B (N x 8)
+    adapters = 8 * ((64 + 64) * 3 + (64 + 128) * 2 + (128 + 64))
+    assert rows[lora_rows[0]]["trainable_parameters"] == rows[lora_rows[1]]["trainable_parameters"] == adapters
+    assert rows["int4 g32"]["trainable_parameters"] == report["parameters"]  # full QAT trains every parameter
+    assert "the merge gap costs" in (out / "report.md").read_text()
     for name in ("report.md", "training_curves.png", "perplexity.png"):
         assert (out / name).stat().st_size > 0
     # the deploy step: the int4 g32 QAT model as a .pte, verified (export raises below the

@@ -57,9 +57,15 @@ _MIN_INT8_DOT_K = 32
 # Bytes of one group half reduced per inner step (128 K elements). Heuristic, untuned: no GPU
 # was available while writing this kernel.
 _MAX_CHUNK_BYTES = 64
-# M at or below which the split-K decode path runs. Heuristic, untuned.
+# M at or below which the decode configs (BLOCK_M = 16) run. Heuristic, untuned.
 _SMALL_M_MAX = 16
+# M at or below which the groups may be split over programs (single-launch split-K): up to
+# there a layer's output tiles alone may not fill the GPU. Heuristic, untuned.
+_SPLIT_K_M_MAX = 128
 _MAX_SPLIT_K = 16
+# 0xF0F0F0F0 as an int32 (written signed so Triton keeps the words 32-bit): the high nibble
+# of each of a word's four bytes.
+HIGH_NIBBLES = tl.constexpr(-0x0F0F0F10)
 
 
 def is_supported_group_size(g: int) -> bool:
@@ -122,28 +128,75 @@ def _tile_coordinates(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SWIZZL
 
 
 @triton.jit
-def _unpack_nibbles(w_ptrs, n_mask):
-    """Load (CHUNK, BLOCK_N) packed bytes; return the low and high nibbles as int8 in [-8, 7]."""
-    b = tl.load(w_ptrs, mask=n_mask[None, :], other=0).to(tl.int32)
-    lo = (((b & 0xF) ^ 8) - 8).to(tl.int8)
-    hi = (((b >> 4) ^ 8) - 8).to(tl.int8)
-    return lo, hi
+def _words_to_bytes(w):
+    """(R, C) int32 -> (R, 4 * C) int8: each word's four bytes in memory (little-endian) order.
+    Truncating casts of shifts, joined: ptxas sees the four bytes go back into one 32-bit
+    register, the form the int8 dot operand takes, so no byte is moved on its own."""
+    b0 = w.to(tl.int8)
+    b1 = (w >> 8).to(tl.int8)
+    b2 = (w >> 16).to(tl.int8)
+    b3 = (w >> 24).to(tl.int8)
+    # join appends a minor axis: join(join(b0, b2), join(b1, b3))[r, c, i, j] is b_{2i + j}.
+    return tl.reshape(tl.join(tl.join(b0, b2), tl.join(b1, b3)), (w.shape[0], 4 * w.shape[1]))
+
+
+@triton.jit
+def _unpack_words(words):
+    """(BLOCK_N, C) int32 words of the packed weight -> (lo, hi), each (BLOCK_N, 4 * C) int8
+    holding 16 * the int4 codes of the low / high nibbles.
+
+    A two's complement nibble moved to the top of its byte, low bits zero, is the int8 16 * q
+    (its sign bit lands on the byte's): one AND per four high nibbles, a shift and an AND per
+    four low nibbles, and no sign extension. The factor 16 is exact everywhere downstream
+    (integer dots, their fp32 conversion, power-of-two scaling) and is removed once in the
+    epilogue."""
+    hi = words & HIGH_NIBBLES
+    lo = (words << 4) & HIGH_NIBBLES
+    return _words_to_bytes(lo), _words_to_bytes(hi)
+
+
+@triton.jit
+def _split_k_reduce(
+    partial, offs_m, offs_n, M, N, workspace_ptr, counter_ptr, SPLIT_K: tl.constexpr,
+):
+    """Single-launch split-K ("last program reduces"): each split stores its fp32 partial,
+    then takes a ticket on its output tile's counter; the program drawing the last ticket
+    sums the SPLIT_K partials in split order (deterministic, unlike atomic float adds) and
+    resets the counter. Returns (is_last, the sum)."""
+    pid_k = tl.program_id(1)
+    mn_mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    tile = workspace_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+    tl.store(tile + pid_k.to(tl.int64) * M * N, partial, mask=mn_mask)
+    # Every thread's store is ordered before the ticket (barrier), the ticket releases them
+    # at GPU scope and the last program's acquire makes the other splits' stores visible.
+    tl.debug_barrier()
+    ticket = tl.atomic_add(counter_ptr + tl.program_id(0), 1, sem="acq_rel", scope="gpu")
+    is_last = ticket == SPLIT_K - 1
+    total = tl.zeros_like(partial)
+    if is_last:
+        for s in tl.static_range(SPLIT_K):
+            # .cg: read through L2, where the other SMs' stores are, never a stale L1 line.
+            total += tl.load(tile + s * M * N, mask=mn_mask, other=0.0, cache_modifier=".cg")
+        tl.atomic_xchg(counter_ptr + tl.program_id(0), 0, sem="relaxed", scope="gpu")
+    return is_last, total
 
 
 @triton.jit(do_not_specialize=["M", "M_BUCKET"])
 def _w4a8_gemm_kernel(
     # int8 activations (M, K); per-token scale and zero point (M, 1) fp32
     x_ptr, x_scale_ptr, x_zero_ptr,
-    # packed int4 weights (N, K // 2) uint8; group scales and int16/int32 group sums (N, K // G)
+    # packed int4 weights viewed as int32 words (N, K // 8); group scales and int16/int32
+    # group sums (N, K // G), read through (stride over n, stride over groups)
     w_ptr, w_scale_ptr, w_sum_ptr,
     # epilogue operands: bias (N,) and residual (M, N), None when absent
     bias_ptr, residual_ptr,
-    # out (M, N) when SPLIT_K == 1, else the fp32 partials workspace (SPLIT_K, M, N)
-    out_ptr,
+    # out (M, N); with SPLIT_K > 1 also the fp32 partials workspace (SPLIT_K, M, N) and one
+    # int32 ticket counter per output tile, zero on entry and left zero (else both None)
+    out_ptr, workspace_ptr, counter_ptr,
     # sizes; M_BUCKET (next power of two of M) only keys the autotuner
     M, N, K, M_BUCKET, groups_per_split,
-    # row strides (stride_sn: of scales and sums alike); every last dim is contiguous
-    stride_xm, stride_wn, stride_sn, stride_rm, stride_om,
+    # row strides (in words for w); every last dim of x, w, residual and out is contiguous
+    stride_xm, stride_wn, stride_sn, stride_sg, stride_rm, stride_om,
     # problem constants chosen by the launcher
     GROUP_SIZE: tl.constexpr, CHUNK_BYTES: tl.constexpr, JOIN_HALVES: tl.constexpr,
     SPLIT_K: tl.constexpr,
@@ -151,79 +204,63 @@ def _w4a8_gemm_kernel(
     # tiles chosen by the autotuner
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SWIZZLE_M: tl.constexpr,
 ):
-    HALF: tl.constexpr = GROUP_SIZE // 2
+    HALF: tl.constexpr = GROUP_SIZE // 2  # bytes per group per row
+    CHUNK_WORDS: tl.constexpr = CHUNK_BYTES // 4
     pid_m, pid_n = _tile_coordinates(M, N, BLOCK_M, BLOCK_N, SWIZZLE_M)
     pid_k = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_c = tl.arange(0, CHUNK_BYTES)
+    offs_w = tl.arange(0, CHUNK_WORDS)
     m_mask = offs_m < M
     n_mask = offs_n < N
     # Masked rows and columns load zeros everywhere, so they accumulate 0 and are not stored.
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
-    w_cols = w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn
-    zero_t = tl.load(x_zero_ptr + offs_m, mask=m_mask, other=0.0).to(tl.int32)
+    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn  # (BLOCK_N, 1), words along K
+    s_cols = offs_n.to(tl.int64) * stride_sn
 
     n_groups = K // GROUP_SIZE
     g_start = pid_k * groups_per_split
     g_end = tl.minimum(g_start + groups_per_split, n_groups)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # sum_g s_ng * 16 * dot_g
+    col = tl.zeros((BLOCK_N,), dtype=tl.float32)  # sum_g s_ng * wsum_ng (zero-point term)
     for g in range(g_start, g_end):
         dot = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
         for c in range(0, HALF // CHUNK_BYTES):
-            lo, hi = _unpack_nibbles(w_cols + (g * HALF + c * CHUNK_BYTES + offs_c)[:, None], n_mask)
+            words = tl.load(w_rows + (g * (HALF // 4) + c * CHUNK_WORDS + offs_w)[None, :],
+                            mask=n_mask[:, None], other=0)
+            lo, hi = _unpack_words(words)  # (BLOCK_N, CHUNK_BYTES) int8 each
             if JOIN_HALVES:
                 # One chunk per half here (CHUNK_BYTES == HALF): one (BLOCK_M, G) x (G, BLOCK_N)
-                # dot, whose rows [lo; hi] are the group in K order.
-                w = tl.reshape(tl.permute(tl.join(lo, hi), (2, 0, 1)), (GROUP_SIZE, BLOCK_N))
+                # dot, whose columns [lo, hi] are the group in K order.
+                w = tl.reshape(tl.permute(tl.join(lo, hi), (0, 2, 1)), (BLOCK_N, GROUP_SIZE))
                 x = tl.load(x_rows + (g * GROUP_SIZE + tl.arange(0, GROUP_SIZE))[None, :],
                             mask=m_mask[:, None], other=0)
-                dot = tl.dot(x, w, acc=dot, out_dtype=tl.int32)
+                dot = tl.dot(x, tl.trans(w), acc=dot, out_dtype=tl.int32)
             else:
                 k_lo = g * GROUP_SIZE + c * CHUNK_BYTES + offs_c  # K index of the low nibbles
                 x_lo = tl.load(x_rows + k_lo[None, :], mask=m_mask[:, None], other=0)
                 x_hi = tl.load(x_rows + (k_lo + HALF)[None, :], mask=m_mask[:, None], other=0)
-                dot = tl.dot(x_lo, lo, acc=dot, out_dtype=tl.int32)
-                dot = tl.dot(x_hi, hi, acc=dot, out_dtype=tl.int32)
-        wsum = tl.load(w_sum_ptr + offs_n * stride_sn + g, mask=n_mask, other=0).to(tl.int32)
-        scale = tl.load(w_scale_ptr + offs_n * stride_sn + g, mask=n_mask, other=0.0).to(tl.float32)
-        # The zero-point correction is exact in int32; only then does the group go to fp32.
-        corrected = dot - zero_t[:, None] * wsum[None, :]
-        acc += corrected.to(tl.float32) * scale[None, :]
+                dot = tl.dot(x_lo, tl.trans(lo), acc=dot, out_dtype=tl.int32)
+                dot = tl.dot(x_hi, tl.trans(hi), acc=dot, out_dtype=tl.int32)
+        scale = tl.load(w_scale_ptr + s_cols + g * stride_sg, mask=n_mask, other=0.0).to(tl.float32)
+        wsum = tl.load(w_sum_ptr + s_cols + g * stride_sg, mask=n_mask, other=0).to(tl.float32)
+        acc += dot.to(tl.float32) * scale[None, :]
+        # The zero-point correction z_t * sum_g s_ng * wsum_ng is one fp32 number per column:
+        # accumulated here on BLOCK_N lanes, applied once below, never per (token, group).
+        col += scale * wsum
 
+    zero_t = tl.load(x_zero_ptr + offs_m, mask=m_mask, other=0.0)
+    partial = acc * 0.0625 - zero_t[:, None] * col[None, :]  # 1/16: exact, see _unpack_words
     if SPLIT_K == 1:
-        _epilogue(acc, offs_m, offs_n, M, N, x_scale_ptr, bias_ptr, residual_ptr, stride_rm,
+        _epilogue(partial, offs_m, offs_n, M, N, x_scale_ptr, bias_ptr, residual_ptr, stride_rm,
                   out_ptr, stride_om, HAS_BIAS, ACTIVATION, HAS_RESIDUAL)
     else:
-        partial_ptr = out_ptr + pid_k.to(tl.int64) * M * stride_om
-        rows = offs_m.to(tl.int64)[:, None]
-        tl.store(partial_ptr + rows * stride_om + offs_n[None, :], acc,
-                 mask=m_mask[:, None] & n_mask[None, :])
-
-
-@triton.jit
-def _w4a8_split_k_reduce_kernel(
-    # fp32 partials (SPLIT_K, M, N) written by _w4a8_gemm_kernel
-    partial_ptr,
-    # epilogue operands, as in _w4a8_gemm_kernel
-    x_scale_ptr, bias_ptr, residual_ptr,
-    # output (M, N)
-    out_ptr,
-    M, N, stride_rm, stride_om,
-    SPLIT_K: tl.constexpr,
-    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """Sum the partials in split order (deterministic), then the shared epilogue."""
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
-    ptrs = partial_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
-    acc = tl.load(ptrs, mask=mask, other=0.0)
-    for s in tl.static_range(1, SPLIT_K):
-        acc += tl.load(ptrs + s * M * N, mask=mask, other=0.0)
-    _epilogue(acc, offs_m, offs_n, M, N, x_scale_ptr, bias_ptr, residual_ptr, stride_rm,
-              out_ptr, stride_om, HAS_BIAS, ACTIVATION, HAS_RESIDUAL)
+        is_last, total = _split_k_reduce(partial, offs_m, offs_n, M, N, workspace_ptr,
+                                         counter_ptr, SPLIT_K)
+        if is_last:
+            _epilogue(total, offs_m, offs_n, M, N, x_scale_ptr, bias_ptr, residual_ptr,
+                      stride_rm, out_ptr, stride_om, HAS_BIAS, ACTIVATION, HAS_RESIDUAL)
 
 
 # ---- autotuning -----------------------------------------------------------------------------
@@ -247,9 +284,12 @@ else:
                         _config(64, 64, 8, 4, 4), _config(32, 64, 8, 4, 4)]
     _SMALL_M_CONFIGS = [_config(16, n, 1, 4, s) for n in (32, 64, 128) for s in (3, 4)]
 
-_REDUCE_BLOCK_N = 32 if _INTERPRETING else 128
 # Tile width assumed when choosing SPLIT_K before the autotuner picks BLOCK_N. Heuristic.
 _NOMINAL_DECODE_BLOCK_N = 64
+_NOMINAL_LARGE_TILE = (64, 64)
+# The smallest tile any config uses: sizes the split-K tile counters for whichever config the
+# autotuner picks.
+_MIN_BLOCK_M, _MIN_BLOCK_N = 16, 32
 
 
 def _prune_configs(configs: list, named_args: dict, **kwargs) -> list:
@@ -277,7 +317,7 @@ _small_m_gemm = _autotuned(_SMALL_M_CONFIGS)
 
 class LaunchPlan(NamedTuple):
     small_m: bool  # decode configs (BLOCK_M = 16)
-    split_k: int  # > 1: partials to a workspace, then the reduce kernel
+    split_k: int  # > 1: groups split over programs, the last program per tile reduces
     groups_per_split: int
 
 
@@ -290,14 +330,17 @@ def _target_programs(device: torch.device) -> int:
 
 
 def launch_plan(m: int, n: int, k: int, group_size: int, device: torch.device) -> LaunchPlan:
-    """Which path runs for an (m, k) x (n, k) problem, and how the groups are split."""
+    """Which path runs for an (m, k) x (n, k) problem, and how the groups are split: up to
+    M = _SPLIT_K_M_MAX, enough splits that tiles x splits reach the target program count."""
     n_groups = k // group_size
-    if m > _SMALL_M_MAX:
-        return LaunchPlan(False, 1, n_groups)
-    tiles = triton.cdiv(n, _NOMINAL_DECODE_BLOCK_N)
+    small_m = m <= _SMALL_M_MAX
+    if m > _SPLIT_K_M_MAX:
+        return LaunchPlan(small_m, 1, n_groups)
+    block_m, block_n = (_MIN_BLOCK_M, _NOMINAL_DECODE_BLOCK_N) if small_m else _NOMINAL_LARGE_TILE
+    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
     split = max(1, min(n_groups, _MAX_SPLIT_K, triton.cdiv(_target_programs(device), tiles)))
     per_split = triton.cdiv(n_groups, split)
-    return LaunchPlan(True, triton.cdiv(n_groups, per_split), per_split)  # no empty split
+    return LaunchPlan(small_m, triton.cdiv(n_groups, per_split), per_split)  # no empty split
 
 
 def _require(ok: bool, message: str) -> None:
@@ -382,40 +425,48 @@ def w4a8_gemm(
     out = torch.empty((m, n), dtype=out_dtype, device=device)
     if m == 0 or n == 0:
         return out
-    x_q, x_scale, x_zero, w_packed, w_scales, w_group_sums, bias, residual = (
+    x_q, x_scale, x_zero, bias, residual = (
         None if t is None else t.contiguous()  # no copy when already contiguous
-        for t in (x_q, x_scale, x_zero, w_packed, w_scales, w_group_sums, bias, residual))
+        for t in (x_q, x_scale, x_zero, bias, residual))
+    words = packed_words(w_packed)
+    if w_group_sums.stride() != w_scales.stride():  # the kernel reads both with one stride pair
+        w_scales, w_group_sums = w_scales.contiguous(), w_group_sums.contiguous()
     plan = launch_plan(m, n, k, group_size, device)
     logger.debug("w4a8_gemm M=%d N=%d K=%d G=%d: %s", m, n, k, group_size, plan)
 
     half = group_size // 2
     flags = dict(HAS_BIAS=bias is not None, ACTIVATION=activation_named(activation).kernel_code,
                  HAS_RESIDUAL=residual is not None)
-    target = out if plan.split_k == 1 else torch.empty((plan.split_k, m, n), dtype=torch.float32,
-                                                       device=device)
+    workspace = counters = None
+    if plan.split_k > 1:
+        workspace = torch.empty((plan.split_k, m, n), dtype=torch.float32, device=device)
+        # One ticket counter per output tile of the smallest config; the kernel leaves them at
+        # zero, but a fresh zeroed buffer keeps concurrent streams and traced graphs apart.
+        counters = torch.zeros(triton.cdiv(m, _MIN_BLOCK_M) * triton.cdiv(n, _MIN_BLOCK_N),
+                               dtype=torch.int32, device=device)
     gemm = _small_m_gemm if plan.small_m else _large_m_gemm
 
     def grid(meta: dict) -> tuple[int, int]:
         return triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), plan.split_k
 
-    tracing = is_tracing(x_q)
-    _launcher(gemm, device, tracing)[grid](
-        x_q, x_scale, x_zero, w_packed, w_scales, w_group_sums, bias, residual, target,
+    _launcher(gemm, device, is_tracing(x_q))[grid](
+        x_q, x_scale, x_zero, words, w_scales, w_group_sums, bias, residual,
+        out, workspace, counters,
         m, n, k, triton.next_power_of_2(m), plan.groups_per_split,
-        x_q.stride(0), w_packed.stride(0), w_scales.stride(0),
-        0 if residual is None else residual.stride(0), target.stride(-2),
+        x_q.stride(0), words.stride(0), w_scales.stride(0), w_scales.stride(1),
+        0 if residual is None else residual.stride(0), out.stride(0),
         GROUP_SIZE=group_size, CHUNK_BYTES=min(half, _MAX_CHUNK_BYTES),
         JOIN_HALVES=half < _MIN_INT8_DOT_K, SPLIT_K=plan.split_k, **flags,
     )
-    if plan.split_k > 1:
-        block_m = min(16, triton.next_power_of_2(m))
-        reduce_grid = (triton.cdiv(m, block_m), triton.cdiv(n, _REDUCE_BLOCK_N))
-        _launcher(_w4a8_split_k_reduce_kernel, device, tracing)[reduce_grid](
-            target, x_scale, bias, residual, out,
-            m, n, 0 if residual is None else residual.stride(0), out.stride(0),
-            SPLIT_K=plan.split_k, **flags, BLOCK_M=block_m, BLOCK_N=_REDUCE_BLOCK_N,
-        )
     return out
+
+
+def packed_words(w_packed: torch.Tensor) -> torch.Tensor:
+    """convert's (N, K // 2) uint8 packed weight as the (N, K // 8) int32 words the kernel
+    loads: a view, no copy (a copy only for a non-contiguous or misaligned buffer)."""
+    if not w_packed.is_contiguous() or w_packed.storage_offset() % 4:
+        w_packed = w_packed.contiguous().clone()
+    return w_packed.view(torch.int32)
 
 
 # ---- torch reference ------------------------------------------------------------------------
@@ -426,9 +477,10 @@ def w4a8_gemm_reference(
     bias: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None,
     *, group_size: int, activation: str = "none", out_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """The kernel's formula in torch, on any device: exact group dots, groups summed in fp32 in
-    increasing g, then the same fp32 epilogue. Differs from the kernel only in fp32 summation
-    order (split-K) and FMA contraction."""
+    """The kernel's formula in torch, on any device: exact group dots scaled and summed in fp32
+    in increasing g, the zero-point term z_t * c_n with c_n = sum_g s_ng * wsum_ng (fp32, same
+    order) subtracted once, then the same fp32 epilogue. Differs from the kernel only in fp32
+    summation order (split-K) and FMA contraction."""
     _check_arguments(x_q, x_scale, x_zero, w_packed, w_scales, w_group_sums, bias, residual,
                      group_size, activation, out_dtype, for_kernel=False)
     (m, k), n = x_q.shape, w_packed.shape[0]
@@ -438,13 +490,15 @@ def w4a8_gemm_reference(
     # magnitude <= G * 128 * 8 < 2^53 (and no TF32 or reduced-precision path applies to fp64).
     x_groups = x_q.reshape(m, n_groups, group_size).permute(1, 0, 2).double()  # (groups, M, G)
     w_groups = q_w.reshape(n, n_groups, group_size).permute(1, 2, 0).double()  # (groups, G, N)
-    dots = torch.bmm(x_groups, w_groups).to(torch.int64)  # (groups, M, N)
-    corrected = dots - x_zero.to(torch.int64).view(1, m, 1) * w_group_sums.to(torch.int64).t().unsqueeze(1)
-    corrected = corrected.to(torch.float32)
+    dots = torch.bmm(x_groups, w_groups).to(torch.float32)  # (groups, M, N), exact integers
     scales = w_scales.to(torch.float32).t()  # (groups, N)
+    sums = w_group_sums.to(torch.float32).t()  # (groups, N), exact (|wsum| <= 8 * G)
     acc = torch.zeros((m, n), dtype=torch.float32, device=x_q.device)
+    col = torch.zeros((n,), dtype=torch.float32, device=x_q.device)
     for g in range(n_groups):
-        acc = acc + corrected[g] * scales[g]
+        acc = acc + dots[g] * scales[g]
+        col = col + scales[g] * sums[g]
+    acc = acc - x_zero * col
     y = acc * x_scale
     if bias is not None:
         y = y + bias.to(torch.float32)
