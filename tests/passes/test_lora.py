@@ -9,7 +9,7 @@ import qatfx
 from qatfx.graph.meta import ROLE_META_KEY, WEIGHT
 from qatfx.ops import fake_quantize
 from qatfx.passes.insert_fake_quant import fake_quant_nodes
-from tests.model_zoo import hf_llama_logits
+from tests.model_zoo import hf_llama_logits, torchtune_llama3_2
 from tests.models import Block
 
 DIM = 64
@@ -261,6 +261,41 @@ def test_hf_llama_attention_and_mlp():
     converted = qatfx.convert_pt2e(qatfx.merge_lora(prepared))
     t = torch.randint(0, vocab, (3, 10), generator=torch.Generator().manual_seed(9))
     torch.testing.assert_close(converted(t), prepared(t).detach(), atol=0, rtol=0)
+
+
+# torchtune's names for q/v/o/gate/up/down: attn.{q,v,output}_proj, mlp.w1 (gate) / w3 (up) / w2 (down)
+TORCHTUNE_TARGETS = ["*.q_proj", "*.v_proj", "*.output_proj", "*.w1", "*.w3", "*.w2"]
+
+
+@pytest.mark.parametrize("mode", ["merge_consistent", "torchtune"])
+def test_torchtune_llama3_2_attention_and_mlp(mode):
+    model, vocab = torchtune_llama3_2()
+    tokens = torch.randint(0, vocab, (2, 8), generator=torch.Generator().manual_seed(0))
+    prepared = qatfx.prepare_pt2e(model.train(), qatfx.Int8DynActInt4WeightQuantizer(32), (tokens,),
+                                  lora=qatfx.LoRA(rank=4, alpha=8, targets=TORCHTUNE_TARGETS, mode=mode))
+    adapted = {n.rsplit(".", 1)[0] for n, p in prepared.named_parameters() if p.requires_grad}
+    layers = len(model.layers)
+    assert len(adapted) == 6 * layers and not any("k_proj" in n or n.startswith("output") for n in adapted)
+    opt = torch.optim.Adam(_adapters(prepared), lr=1e-2)
+    for step in range(2):
+        t = torch.randint(0, vocab, (2, 8), generator=torch.Generator().manual_seed(step))
+        logits = prepared(t)
+        torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, vocab), t[:, 1:].reshape(-1)).backward()
+        opt.step()
+        opt.zero_grad()
+    assert all(p.abs().max() > 0 for n, p in prepared.named_parameters() if n.endswith("_lora_b"))
+    prepared.eval()
+    merged = qatfx.merge_lora(prepared)
+    converted = qatfx.convert_pt2e(merged)
+    t = torch.randint(0, vocab, (3, 10), generator=torch.Generator().manual_seed(9))
+    if mode == "merge_consistent":  # deploys what trained
+        torch.testing.assert_close(converted(t), prepared(t).detach(), atol=0, rtol=0)
+        assert merged.qatfx_lora_merge_gap == {}
+    else:  # deploys fq(W + sBA), trained fq(W) + sBA: the gap is reported per adapted layer
+        torch.testing.assert_close(converted(t), merged(t), atol=0, rtol=0)
+        assert not torch.equal(converted(t), prepared(t))
+        gaps = merged.qatfx_lora_merge_gap
+        assert len(gaps) == 6 * layers and all(math.isfinite(db) and db > 0 for db in gaps.values())
 
 
 def test_passes_are_dumped_and_summary_still_reads(tmp_path):

@@ -49,13 +49,24 @@ def exit_code_and_stderr(capsys, argv):
         (lambda tmp: ["finetune", "--model", str(_old_layout(tmp)), "--text", str(_text(tmp)), "--out", str(tmp / "o")],
          "finetune starts from a float transformers checkpoint"),
         (lambda tmp: ["eval", "--model", str(_damaged_save(tmp)), "--text", str(_text(tmp))], "weights.safetensors is missing"),
+        (lambda tmp: [*_charlm(tmp), "--lora-rank", "0"], "must be a positive integer"),
+        (lambda tmp: [*_charlm(tmp), "--lora-mode", "torchtune"], "add --lora-rank R to train them"),
+        (lambda tmp: [*_charlm(tmp), "--lora-rank", "4", "--lora-alpha", "0"], "LoRA alpha must be > 0"),
+        (lambda tmp: [*_charlm(tmp), "--lora-rank", "4", "--lora-targets", "*.nothing"],
+         "LoRA targets ['*.nothing'] match no linear layer; the layers are: ['blocks.0.q_proj'"),
+        (lambda tmp: [*_charlm(tmp), "--lora-rank", "200"], "LoRA rank 200 > min(N, K) = 128 for layer 'blocks.0.q_proj'"),
     ],
     ids=["missing-file", "binary-file", "not-a-checkpoint", "group-size", "zero-seeds", "unknown-export-format", "fake-quant-after-steps",
-         "seq-len-past-context", "no-tokenizer-small-vocab", "eval-old-layout", "finetune-of-an-output", "eval-damaged-save"],
+         "seq-len-past-context", "no-tokenizer-small-vocab", "eval-old-layout", "finetune-of-an-output", "eval-damaged-save",
+         "lora-rank-0", "lora-option-without-rank", "lora-alpha-0", "lora-targets-match-nothing", "lora-rank-too-big"],
 )
 def test_bad_arguments_exit_2_with_a_clear_message(tmp_path, capsys, make_argv, message):
     code, err = exit_code_and_stderr(capsys, make_argv(tmp_path))
     assert code == 2 and message in err, err
+
+
+def _charlm(tmp: Path) -> list:
+    return ["finetune", "--model", "builtin:charlm", "--text", str(_text(tmp)), "--out", str(tmp / "o"), "--steps", "1", "--eager"]
 
 
 def _binary(tmp: Path) -> Path:

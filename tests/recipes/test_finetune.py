@@ -133,6 +133,30 @@ def test_finetune_then_eval_builtin_charlm(tmp_path, text_file, capsys):
     check_output(tmp_path, text_file, report, out, capsys)
 
 
+# ~35 s each on 2 cores: the torchtune mode in the long run
+@pytest.mark.parametrize("mode", ["merge_consistent", pytest.param("torchtune", marks=pytest.mark.long)])
+def test_finetune_with_lora_adapters(tmp_path, text_file, capsys, mode):
+    """--lora-rank: control and QAT train the same adapters on a frozen base, merged before
+    convert. merge_consistent keeps the contract (converted == fake-quant); torchtune mode
+    reports how the merge moved the perplexity."""
+    tokenizer = bpe_tokenizer(load_text(text_file))
+    checkpoint = save_checkpoint("hf_llama", tmp_path / "llama", tokenizer)
+    report, out = finetune_and_eval(tmp_path, text_file, checkpoint, "--lora-rank", "4", "--lora-mode", mode)
+    config = json.loads((checkpoint / "config.json").read_text())
+    # rank 4 on q/v/o/gate/up/down of every layer: A (4 x K) + B (N x 4)
+    hidden, inter, kv = config["hidden_size"], config["intermediate_size"], config["num_key_value_heads"] * config["head_dim"]
+    per_layer = 4 * ((hidden + hidden) + (hidden + kv) + (hidden + hidden) + 2 * (hidden + inter) + (inter + hidden))
+    assert report["trainable_parameters"] == config["num_hidden_layers"] * per_layer
+    md = (out / "report.md").read_text()
+    assert f"LoRA ({mode}): rank 4, alpha 8" in md
+    if mode == "merge_consistent":
+        check_output(tmp_path, text_file, report, out, capsys)
+    else:
+        ppl = report["test_perplexity"]
+        assert ppl["qat_converted"] != ppl["qat_fake_quant"] and "the merge moved the test perplexity" in md
+        assert qatfx.load(out).qatfx_stage == "converted"
+
+
 @pytest.mark.long
 @pytest.mark.parametrize("family", HF_FAMILIES)
 def test_finetune_then_eval_every_family(tmp_path, text_file, capsys, family):
