@@ -13,6 +13,7 @@ It writes to --out:
     qatfx_finetune.json   what `qatfx eval` needs besides the model: the tokenizer, the
                           sequence length and context size (the qatfx version is in the manifest)
     tokenizer/            the checkpoint's transformers tokenizer, when it has one
+    peft_adapter/         --lora-rank: the trained adapters in peft's layout (before merging)
     report.md, report.json, training_curve.png
 
 `qatfx eval --model OUT` loads that directory with `qatfx.load` and scores a text file.
@@ -41,6 +42,7 @@ log = logging.getLogger("qatfx.recipes")
 BUILTIN_MODELS = {"builtin:charlm": dict(dim=128, layers=4, heads=4, hidden=384, max_seq=256)}
 SIDECAR = "qatfx_finetune.json"
 HF_TOKENIZER_DIR = "tokenizer"
+PEFT_ADAPTER_DIR = "peft_adapter"  # --lora-rank: the adapters alone (qatfx.export.save_peft_adapters)
 OLD_METADATA = "qatfx_model.json"  # the layout before qatfx.save (converted.pt + this file)
 MANIFEST = "qatfx_manifest.json"  # qatfx.save's; its presence marks a finetune output
 
@@ -262,11 +264,13 @@ def finetune(options: FinetuneOptions) -> dict:
             f"the saved converted model's perplexity {ppl['qat_converted']!r} != the fake-quant model's "
             f"{ppl['qat_fake_quant']!r}; the prepare/convert/save numerics contract is broken, please report it"
         )
+    adapter = None if lora is None else _save_adapters(qat, out, options.model)
     sidecar = {"model": options.model, "tokenizer": loaded.tokenizer.to_json(out), "seq_len": seq,
                "max_positions": loaded.max_positions}
     (out / SIDECAR).write_text(json.dumps(sidecar, indent=2) + "\n")
     report = {"options": {k: str(v) for k, v in asdict(options).items()}, "test_tokens": test_tokens.numel(),
               "trainable_parameters": sum(p.numel() for p in qat.parameters() if p.requires_grad),
+              "peft_adapter": adapter,
               "test_perplexity": ppl, "recovered": recovered(ppl["float_control"], ppl["ptq"], ppl["qat_converted"]),
               "train_loss": curves}
     (out / "report.json").write_text(json.dumps(report, indent=2))
@@ -274,6 +278,20 @@ def finetune(options: FinetuneOptions) -> dict:
     _plot_curves(curves, out / "training_curve.png")
     log.info("qatfx finetune: wrote %s", out)
     return report
+
+
+def _save_adapters(qat: nn.Module, out: Path, model: str) -> Optional[str]:
+    """The trained adapters alone in peft's layout, under out/peft_adapter; a model whose
+    layers have no Hugging Face names gets none (logged): the merged, converted model is the
+    deployable result either way."""
+    from qatfx.export.peft import save_peft_adapters
+
+    base = None if model in BUILTIN_MODELS else str(Path(model).resolve())
+    try:
+        return str(save_peft_adapters(qat, out / PEFT_ADAPTER_DIR, base_model_name_or_path=base))
+    except ValueError as error:
+        log.warning("qatfx finetune: the LoRA adapters were not written in peft's layout: %s", error)
+        return None
 
 
 def load_finetuned(directory: Path) -> tuple[nn.Module, Tokenizer, dict]:

@@ -149,6 +149,10 @@ def test_finetune_with_lora_adapters(tmp_path, text_file, capsys, mode):
     assert report["trainable_parameters"] == config["num_hidden_layers"] * per_layer
     md = (out / "report.md").read_text()
     assert f"LoRA ({mode}): rank 4, alpha 8" in md
+    # the adapters alone, in peft's layout, pointing at the checkpoint they were trained on
+    adapter = json.loads((out / "peft_adapter" / "adapter_config.json").read_text())
+    assert adapter["r"] == 4 and adapter["base_model_name_or_path"] == str(checkpoint.resolve())
+    assert report["peft_adapter"] == str(out / "peft_adapter")
     if mode == "merge_consistent":
         check_output(tmp_path, text_file, report, out, capsys)
     else:
