@@ -91,7 +91,9 @@ class Preset:
     eval_chars: int  # test-split characters scored (a prefix: evaluation is eager)
     schemes: tuple[str, ...]
     compile: bool = True  # train through torch.compile, as a user would
-    lora_lr: float = 3e-3  # adapters start at zero and are few: LoRA recipes train them ~10x faster
+    # adapters start at zero and are few: LoRA takes ~10x full fine-tuning's rate (default preset,
+    # seed 0, QAT+LoRA perplexity: 5.807 at 1e-3, 5.774 at 3e-3, 5.804 at 1e-2 with rank 32)
+    lora_lr: float = 3e-3
 
 
 PRESETS = {

@@ -75,7 +75,7 @@ def markdown_report(result: DemoResult) -> str:
         "  PTQ: that control converted directly; QAT: the float model fine-tuned with fake-quant, then converted",
         "- QAT recovers: (PTQ - QAT) / (PTQ - control), per seed, then averaged; \"within noise\" where PTQ's "
         f"loss is under {NOISE_SIGMAS} seed standard deviations of the fine-tuned perplexity (one seed: the spread is unknown)",
-        "- the converted QAT model's perplexity equals the fake-quant model's on every row (checked)",
+        _contract_line(result),
         "- bytes: the converted model's tensors (packed int4 two per byte with fp32 scales; int3 codes are kept one per "
         "byte, qatfx packs only int4; embeddings and norms stay float)",
         f"- run time: {result.seconds:.0f} s",
@@ -86,6 +86,13 @@ def markdown_report(result: DemoResult) -> str:
         *_deploy_lines(result.deploy),
         *_file_export_lines(result.file_exports),
     ])
+
+
+def _contract_line(result: DemoResult) -> str:
+    line = "- the converted QAT model's perplexity equals the fake-quant model's on every row (checked)"
+    if any(SCHEMES[row.scheme].lora_mode == "torchtune" for row in result.rows):
+        line += ", except torchtune-mode QAT+LoRA, whose merge changes the model (below)"
+    return line
 
 
 def _lora_lines(result: DemoResult) -> list:
