@@ -242,6 +242,17 @@ def test_compiled_training_two_sequence_lengths(mode):
     assert "add_lora" in merged.meta["qatfx_pass_history"] and merged.meta["qatfx_pass_history"][-1] == "merge_lora"
 
 
+def _train_lm(prepared, vocab, steps=2):
+    """Next-token steps on random tokens, adapters only."""
+    opt = torch.optim.Adam(_adapters(prepared), lr=1e-2)
+    for step in range(steps):
+        t = torch.randint(0, vocab, (2, 8), generator=torch.Generator().manual_seed(step))
+        logits = prepared(t)
+        torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, vocab), t[:, 1:].reshape(-1)).backward()
+        opt.step()
+        opt.zero_grad()
+
+
 def test_hf_llama_attention_and_mlp():
     model, vocab = hf_llama_logits()
     tokens = torch.randint(0, vocab, (2, 8), generator=torch.Generator().manual_seed(0))
@@ -250,13 +261,7 @@ def test_hf_llama_attention_and_mlp():
     adapted = {n.rsplit(".", 1)[0] for n, p in prepared.named_parameters() if p.requires_grad}
     layers = model.lm.config.num_hidden_layers
     assert len(adapted) == 6 * layers and not any("k_proj" in n or "lm_head" in n for n in adapted)
-    opt = torch.optim.Adam(_adapters(prepared), lr=1e-2)
-    for step in range(2):
-        t = torch.randint(0, vocab, (2, 8), generator=torch.Generator().manual_seed(step))
-        logits = prepared(t)
-        torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, vocab), t[:, 1:].reshape(-1)).backward()
-        opt.step()
-        opt.zero_grad()
+    _train_lm(prepared, vocab)
     prepared.eval()
     converted = qatfx.convert_pt2e(qatfx.merge_lora(prepared))
     t = torch.randint(0, vocab, (3, 10), generator=torch.Generator().manual_seed(9))
@@ -276,13 +281,7 @@ def test_torchtune_llama3_2_attention_and_mlp(mode):
     adapted = {n.rsplit(".", 1)[0] for n, p in prepared.named_parameters() if p.requires_grad}
     layers = len(model.layers)
     assert len(adapted) == 6 * layers and not any("k_proj" in n or n.startswith("output") for n in adapted)
-    opt = torch.optim.Adam(_adapters(prepared), lr=1e-2)
-    for step in range(2):
-        t = torch.randint(0, vocab, (2, 8), generator=torch.Generator().manual_seed(step))
-        logits = prepared(t)
-        torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, vocab), t[:, 1:].reshape(-1)).backward()
-        opt.step()
-        opt.zero_grad()
+    _train_lm(prepared, vocab)
     assert all(p.abs().max() > 0 for n, p in prepared.named_parameters() if n.endswith("_lora_b"))
     prepared.eval()
     merged = qatfx.merge_lora(prepared)
