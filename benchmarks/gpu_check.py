@@ -373,30 +373,35 @@ def integer_case(m: int, n: int, k: int, g: int, device: str, gen: torch.Generat
 
 
 def reference_and_magnitude(x_q, x_scale, x_zero, q_w, w_scales, w_group_sums, g: int, chunk_elems: int):
-    """The kernel's formula in torch, as `w4a8_gemm_reference` computes it (exact group dots,
-    groups summed in fp32 in increasing g, times s_t), in row chunks so large M fits in
-    memory; and mag = |s_t| * sum_g |s_ng * corr_g| (float64), the test's error scale."""
+    """The kernel's formula in torch, as `w4a8_gemm_reference` computes it (exact group dots
+    times the group scales summed in fp32 in increasing g, minus z_t * c_n with
+    c_n = sum_g s_ng * wsum_ng in fp32, times s_t), in row chunks so large M fits in memory;
+    and mag = |s_t| * (sum_g |s_ng * dot_g| + |z_t| * sum_g |s_ng * wsum_ng|) (float64), the
+    test's error scale (the zero-point term is subtracted once, after the sums)."""
     (m, k), n = x_q.shape, q_w.shape[0]
     groups = k // g
     w_groups = q_w.reshape(n, groups, g).permute(1, 2, 0).double()  # (groups, G, N)
-    sums = w_group_sums.double().t().unsqueeze(1)  # (groups, 1, N)
+    sums32 = w_group_sums.float().t()  # (groups, N), exact
     scales32 = w_scales.float().t()  # (groups, N)
     scales64 = w_scales.double().abs().t().unsqueeze(1)
+    col = torch.zeros(n, dtype=torch.float32, device=x_q.device)
+    for i in range(groups):
+        col = col + scales32[i] * sums32[i]
+    col_mag = (w_group_sums.double().abs().t() * scales64.squeeze(1)).sum(0)  # (N,)
     ref = torch.empty(m, n, dtype=torch.float32, device=x_q.device)
     mag = torch.empty(m, n, dtype=torch.float64, device=x_q.device)
     rows = max(1, chunk_elems // (groups * n))
     for r in range(0, m, rows):
-        xs = x_q[r:r + rows]
+        xs, zs = x_q[r:r + rows], x_zero[r:r + rows]
         dots = torch.bmm(xs.reshape(xs.shape[0], groups, g).permute(1, 0, 2).double(), w_groups)  # exact
-        corrected = dots - x_zero[r:r + rows].double().view(1, -1, 1) * sums  # exact integers
-        del dots
-        c32 = corrected.float()
+        d32 = dots.float()  # exact: |dot| < 2^24
         acc = torch.zeros(xs.shape[0], n, dtype=torch.float32, device=x_q.device)
         for i in range(groups):
-            acc = acc + c32[i] * scales32[i]
-        ref[r:r + rows] = acc * x_scale[r:r + rows]
-        mag[r:r + rows] = x_scale[r:r + rows].double().abs() * (corrected.abs() * scales64).sum(0)
-        del corrected, c32
+            acc = acc + d32[i] * scales32[i]
+        ref[r:r + rows] = (acc - zs * col) * x_scale[r:r + rows]
+        mag[r:r + rows] = x_scale[r:r + rows].double().abs() * (
+            (dots.abs() * scales64).sum(0) + zs.double().abs() * col_mag)
+        del dots, d32
     return ref, mag
 
 
@@ -444,7 +449,7 @@ def stage_correctness_sweep(ctx: Config, budget: Budget, result: dict) -> None:
     for i, (s, m, g) in enumerate(todo):
         plan = launch_plan(m, s.n, s.k, g, torch.device(ctx.device))
         case = {"N": s.n, "K": s.k, "M": m, "G": g, "source": s.source,
-                "path": f"split-K x{plan.split_k}" if plan.small_m else "large-M fused epilogue"}
+                "path": f"{'decode' if plan.small_m else 'large-M'} tiles, split-K x{plan.split_k}"}
         try:
             budget.check(f"case {i + 1}/{len(todo)}")
         except StageTimeout as exc:

@@ -8,7 +8,7 @@ main loop's instruction mix, read from the real compiler's output for sm_80 and 
 Each autotune config of `_w4a8_gemm_kernel` (the decode and prefill autotuners of
 qatfx/lowering/kernels/w4a8_gemm.py) is compiled with `triton.compile` for a GPUTarget, using
 the argument specialization Triton's JIT would derive for a 4096x4096 layer (fp32 scales,
-int16 group sums, bf16 output; decode writes the fp32 split-K partials). ptxas's `-v` log
+int16 group sums, bf16 output; decode splits K over programs as `launch_plan` does). ptxas's `-v` log
 gives registers and spills, `cuobjdump` the resource usage and the SASS. Nothing here runs a
 kernel: these are compiler facts, not timings.
 """
@@ -58,6 +58,32 @@ CVT_OPS = {"I2F", "I2FP", "F2I", "F2F", "F2FP", "F2IP"}
 MEM_OPS = {"LDG", "STG", "LDS", "STS", "LDSM", "STSM", "LDGSTS", "LDC", "ULDC", "LDL", "STL",
            "LD", "ST", "ATOM", "ATOMS", "ATOMG", "RED", "UTMALDG", "UTMASTG", "UBLKCP"}
 CLASSES = ("int", "fp", "cvt", "mma", "mem", "other")
+
+# Warp-instructions per clock per SM each class can issue: the CUDA C++ Programming Guide's
+# arithmetic throughput table (results per clock per SM, divided by 32 lanes): 32-bit integer
+# add / multiply-add / shift / logical / compare 64 on cc 8.0 and 9.0; fp32 add / multiply /
+# FMA 64 on cc 8.0, 128 on 9.0; conversions 16. Loads and stores: 32 LD/ST units per SM
+# (4 partitions x 8, A100 and H100 whitepapers). Issue: 4 schedulers, one warp-instruction
+# each per clock. IMAD counts as integer although ptxas may route it to the FMA pipe: the
+# conservative reading. MMA is left out: at decode the tensor pipe is far from the limit.
+PIPE_RATES = {80: {"int": 2.0, "fp": 2.0, "cvt": 0.5, "mem": 1.0},
+              90: {"int": 2.0, "fp": 4.0, "cvt": 0.5, "mem": 1.0}}
+ISSUE_RATE = 4.0
+# HBM bytes per clock per SM a decode loop must beat to be memory bound (spec bandwidth /
+# (SMs x boost clock), /work/shared/design/benchmarks.md): H200 4.8 TB/s / (132 x 1.98 GHz),
+# H100 SXM 3.35 TB/s / (132 x 1.98 GHz), A100 80GB SXM 2.04 TB/s / (108 x 1.41 GHz).
+HBM_BYTES_PER_CLOCK = {"H200": 4.8e12 / (132 * 1.98e9), "H100": 3.35e12 / (132 * 1.98e9),
+                       "A100": 2.04e12 / (108 * 1.41e9)}
+
+
+def predicted_ceiling(arch: int, per_byte: dict, total_per_byte: float) -> tuple[float, str]:
+    """(packed weight bytes per clock per SM the main loop can issue, the limiting class): a
+    static prediction from instruction counts and issue rates, not a measurement."""
+    limits = {c: rate / per_byte[c] for c, rate in PIPE_RATES[arch].items() if per_byte[c] > 0}
+    limits["issue"] = ISSUE_RATE / total_per_byte
+    limit = min(limits, key=limits.get)
+    return limits[limit], limit
+
 
 # IMMA.<m><n><k> spellings -> (m, n, k); the digits run together in the mnemonic.
 _IMMA_SHAPES = {"16832": (16, 8, 32), "16816": (16, 8, 16), "8832": (8, 8, 32), "8816": (8, 8, 16)}
@@ -253,11 +279,14 @@ def analyse(case: Case, compiled, log: str) -> dict:
         "loop_counts": {c: counts.get(c, 0) for c in CLASSES},
         "loop_other_ops": dict(Counter(op.split(".")[0] for _, op, _ in loop
                                        if op_class(op) == "other").most_common()),
-        "k_per_iter_from_mma": macs * warps / (bm * bn), "bytes_per_iter": bytes_per_iter,
+        # tl.dot pads a row tile below 16 to the MMA's 16 rows (min_dot_size allows M = 1).
+        "k_per_iter_from_mma": macs * warps / (max(bm, 16) * bn), "bytes_per_iter": bytes_per_iter,
     }
     # Per packed byte: every warp runs the loop body, so a program issues count * num_warps
     # warp-instructions per iteration for bytes_per_iter bytes.
     row["per_byte"] = {c: row["loop_counts"][c] * warps / bytes_per_iter for c in CLASSES}
+    row["ceiling_bytes_per_clock"], row["ceiling_limit"] = predicted_ceiling(
+        case.arch, row["per_byte"], len(loop) * warps / bytes_per_iter)
     return row
 
 
@@ -271,7 +300,7 @@ def measure(case: Case) -> dict:
 
 def markdown(rows: list[dict]) -> str:
     head = ["kernel", "arch", "G", "config", "regs", "spill st/ld B", "stack/local B", "smem B",
-            "MMA in main loop", "K/iter", "B/iter", *CLASSES, "total"]
+            "MMA in main loop", "K/iter", "B/iter", *CLASSES, "total", "predicted B/clk/SM"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         total = r["loop_instructions"]
@@ -283,7 +312,8 @@ def markdown(rows: list[dict]) -> str:
             + (f" ({r['loop_local_accesses']} LDL/STL in loop)" if r["stack"] else ""),
             f"{r['stack']}/{r['cuobjdump_local']}", r["shared"],
             ", ".join(r["mma_in_loop"]) or "**none**", f"{r['k_per_iter_from_mma']:g}",
-            r["bytes_per_iter"], *cells])) + " |")
+            r["bytes_per_iter"], *cells,
+            f"{r['ceiling_bytes_per_clock']:.1f} ({r['ceiling_limit']})"])) + " |")
     return "\n".join(lines)
 
 
@@ -318,7 +348,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     print(f"Compiler output on CPU, not GPU timings. triton {env['triton']}, torch {env['torch']}; "
           f"sm_80 {env['ptxas_sm80']}; sm_90 {env['ptxas_sm90']}; layer {LAYER_N}x{LAYER_K}, "
           f"fp32 scales, int16 group sums, bf16 out. {len(rows)} compiles in {time.time() - start:.0f} s.")
-    print("Loop columns: count in the main loop per warp / warp-instructions per packed weight byte.\n")
+    print("Loop columns: count in the main loop per warp / warp-instructions per packed weight byte.")
+    print("predicted B/clk/SM: packed bytes per clock per SM the loop can issue (limiting class); "
+          "HBM delivers " + ", ".join(f"{g} {v:.1f}" for g, v in HBM_BYTES_PER_CLOCK.items())
+          + ". A prediction from instruction counts, not a measurement.\n")
     print(markdown(rows))
     if args.json:
         args.json.write_text(json.dumps({"environment": env, "rows": rows}, indent=1))

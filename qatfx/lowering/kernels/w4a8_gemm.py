@@ -6,22 +6,29 @@ Shapes (G = group_size, a power of two >= 32 dividing K):
     w_group_sums (N, K // G) int16 or int32 (`qatfx.reference.int4_group_sums`)
     bias (N,) or None, residual (M, N) or None  ->  out (M, N) out_dtype
 
-Formula (the integer form of docs/numerics.md):
+Formula (the integer form of docs/numerics.md, zero-point term folded out of the loop):
     dot_g[t, n] = sum_{k in g} q_x[t, k] * q_w[n, k]                        exact int32
-    acc[t, n]   = sum_g float32(dot_g - z_t * wsum[n, g]) * float32(s_ng)    groups summed in fp32
-    y = acc * s_t;  y += bias;  y = activation(y);  y += residual;  y.to(out_dtype)
-All epilogue math is fp32. The int32 values are exact for G <= 2^19 and convert to fp32
-exactly for G <= 2^13 (|dot_g - z_t * wsum| <= 2 * 128 * 8 * G).
+    acc[t, n]   = sum_g float32(dot_g) * float32(s_ng)                      groups summed in fp32
+    c[n]        = sum_g float32(s_ng) * float32(wsum[n, g])                 one fp32 per column
+    y = (acc - z_t * c) * s_t;  y += bias;  y = activation(y);  y += residual;  y.to(out_dtype)
+All epilogue math is fp32. The kernel's dots are 16 * dot_g (see _nibble_words), exact in
+int32 for G <= 2^16 and converted to fp32 exactly for G <= 2^14; the factor is removed by an
+exact multiply by 1/16. Compared with subtracting z_t * wsum per group in int32, the fp32
+rounding is relative to |acc| + |z_t * c| instead of |acc - z_t * c| (docs/lowering.md).
 
 Pack layout (`qatfx.reference.pack_int4(q, tile=G)`): group g of row n is the G // 2
 contiguous bytes w_packed[n, g*G/2 : (g+1)*G/2]; byte j holds element j of the group in its
-low nibble and element j + G/2 in its high nibble, two's complement. So a group is two dots
-on contiguous halves, dot(x[first half], lo) + dot(x[second half], hi), with no interleave
-(at G = 32 the halves are rejoined into one K = 32 dot, see _MIN_INT8_DOT_K).
+low nibble and element j + G/2 in its high nibble, two's complement. The kernel reads the
+same buffer as int32 words (`packed_words`, a view): per word one AND gives 16 * the four
+high-nibble codes and a shift + AND the four low ones, already in the int8 x 4 register form
+the MMA takes; a group is two dots on contiguous halves, dot(x[first half], lo) +
+dot(x[second half], hi) (at G = 32 the halves are interleaved word by word into one K = 32
+dot, activations alike, see _MIN_INT8_DOT_K and _halves_interleaved).
 
-Paths (`launch_plan`): large M fuses the epilogue into the GEMM kernel; small M (decode)
-splits the groups over SPLIT_K programs writing fp32 partials (SPLIT_K, M, N), which a second
-kernel sums in split order (deterministic, no atomics) before the same epilogue.
+Paths (`launch_plan`): M <= 16 runs the decode configs (BLOCK_M = 1 or 16), larger M the GEMM
+tiles; up to M = 128 the groups are split over SPLIT_K programs in the same launch, each
+storing an fp32 partial; the last program per output tile (a ticket counter) sums them in
+split order (deterministic, no float atomics) and runs the epilogue.
 
 `w4a8_gemm_reference` computes the same function in torch on any device. On CPU tensors the
 kernels run only under TRITON_INTERPRET=1 (set before importing this module).
@@ -49,6 +56,7 @@ SUPPORTED_GROUP_SUM_DTYPES = (torch.int16, torch.int32)  # convert writes int16 
 
 # Read once: triton.jit picks the interpreter at decoration time from the same variable.
 _INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+INTERPRETING = tl.constexpr(_INTERPRETING)
 
 # Triton's NVIDIA backend needs K >= 32 for an 8-bit tl.dot (min_dot_size in
 # triton/backends/nvidia/compiler.py), so at G = 32 (halves of 16) the two nibble halves are
@@ -66,6 +74,7 @@ _MAX_SPLIT_K = 16
 # 0xF0F0F0F0 as an int32 (written signed so Triton keeps the words 32-bit): the high nibble
 # of each of a word's four bytes.
 HIGH_NIBBLES = tl.constexpr(-0x0F0F0F10)
+LOW_NIBBLES = tl.constexpr(0x0F0F0F0F)
 
 
 def is_supported_group_size(g: int) -> bool:
@@ -141,9 +150,9 @@ def _words_to_bytes(w):
 
 
 @triton.jit
-def _unpack_words(words):
-    """(BLOCK_N, C) int32 words of the packed weight -> (lo, hi), each (BLOCK_N, 4 * C) int8
-    holding 16 * the int4 codes of the low / high nibbles.
+def _nibble_words(words):
+    """(BLOCK_N, C) int32 words of the packed weight -> (lo, hi) int32 words whose bytes are the
+    int8 16 * q of the low / high nibbles.
 
     A two's complement nibble moved to the top of its byte, low bits zero, is the int8 16 * q
     (its sign bit lands on the byte's): one AND per four high nibbles, a shift and an AND per
@@ -151,8 +160,24 @@ def _unpack_words(words):
     (integer dots, their fp32 conversion, power-of-two scaling) and is removed once in the
     epilogue."""
     hi = words & HIGH_NIBBLES
-    lo = (words << 4) & HIGH_NIBBLES
-    return _words_to_bytes(lo), _words_to_bytes(hi)
+    if INTERPRETING:
+        lo = (words & LOW_NIBBLES) << 4
+    else:
+        # Written in tl, LLVM rebuilds this word byte by byte on its way into _words_to_bytes
+        # (3 SHF + 3 PRMT per word in the SASS); opaque, it stays one SHL and one AND.
+        lo = tl.inline_asm_elementwise(
+            "{ shl.b32 $0, $1, 4; and.b32 $0, $0, 0xF0F0F0F0; }", "=r,r", [words],
+            dtype=tl.int32, is_pure=True, pack=1)
+    return lo, hi
+
+
+@triton.jit
+def _halves_interleaved(lo_words, hi_words, ROWS: tl.constexpr, WORDS: tl.constexpr):
+    """(ROWS, WORDS) int32 words of a group's two halves -> (ROWS, 8 * WORDS) int8 in the
+    K order [word 0 of the first half, word 0 of the second half, word 1 ...]: a join with
+    no permute. Applied alike to the activations and the weights, the dot's sum is the
+    group's, in another order of exact integer terms."""
+    return _words_to_bytes(tl.reshape(tl.join(lo_words, hi_words), (ROWS, 2 * WORDS)))
 
 
 @triton.jit
@@ -216,6 +241,8 @@ def _w4a8_gemm_kernel(
     n_mask = offs_n < N
     # Masked rows and columns load zeros everywhere, so they accumulate 0 and are not stored.
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    # The same rows as int32 words (the launcher guarantees 4-byte alignment), for JOIN_HALVES.
+    x_words = x_ptr.to(tl.pointer_type(tl.int32)) + offs_m.to(tl.int64)[:, None] * (stride_xm // 4)
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn  # (BLOCK_N, 1), words along K
     s_cols = offs_n.to(tl.int64) * stride_sn
 
@@ -229,15 +256,21 @@ def _w4a8_gemm_kernel(
         for c in range(0, HALF // CHUNK_BYTES):
             words = tl.load(w_rows + (g * (HALF // 4) + c * CHUNK_WORDS + offs_w)[None, :],
                             mask=n_mask[:, None], other=0)
-            lo, hi = _unpack_words(words)  # (BLOCK_N, CHUNK_BYTES) int8 each
+            lo_words, hi_words = _nibble_words(words)
             if JOIN_HALVES:
                 # One chunk per half here (CHUNK_BYTES == HALF): one (BLOCK_M, G) x (G, BLOCK_N)
-                # dot, whose columns [lo, hi] are the group in K order.
-                w = tl.reshape(tl.permute(tl.join(lo, hi), (0, 2, 1)), (BLOCK_N, GROUP_SIZE))
-                x = tl.load(x_rows + (g * GROUP_SIZE + tl.arange(0, GROUP_SIZE))[None, :],
-                            mask=m_mask[:, None], other=0)
+                # dot, its K axis in _halves_interleaved's order for both operands. Compiler
+                # facts (docs/lowering.md): joining the byte halves into K order with a
+                # permute sent the tile through shared memory byte by byte with triton 3.6;
+                # this form avoids that with triton 3.6, and with 3.9 at BLOCK_N = 256 only.
+                w = _halves_interleaved(lo_words, hi_words, BLOCK_N, CHUNK_WORDS)
+                x_group = x_words + g * (GROUP_SIZE // 4) + offs_w[None, :]
+                x_first = tl.load(x_group, mask=m_mask[:, None], other=0)
+                x_second = tl.load(x_group + GROUP_SIZE // 8, mask=m_mask[:, None], other=0)
+                x = _halves_interleaved(x_first, x_second, BLOCK_M, CHUNK_WORDS)
                 dot = tl.dot(x, tl.trans(w), acc=dot, out_dtype=tl.int32)
             else:
+                lo, hi = _words_to_bytes(lo_words), _words_to_bytes(hi_words)
                 k_lo = g * GROUP_SIZE + c * CHUNK_BYTES + offs_c  # K index of the low nibbles
                 x_lo = tl.load(x_rows + k_lo[None, :], mask=m_mask[:, None], other=0)
                 x_hi = tl.load(x_rows + (k_lo + HALF)[None, :], mask=m_mask[:, None], other=0)
@@ -251,7 +284,7 @@ def _w4a8_gemm_kernel(
         col += scale * wsum
 
     zero_t = tl.load(x_zero_ptr + offs_m, mask=m_mask, other=0.0)
-    partial = acc * 0.0625 - zero_t[:, None] * col[None, :]  # 1/16: exact, see _unpack_words
+    partial = acc * 0.0625 - zero_t[:, None] * col[None, :]  # 1/16: exact, see _nibble_words
     if SPLIT_K == 1:
         _epilogue(partial, offs_m, offs_n, M, N, x_scale_ptr, bias_ptr, residual_ptr, stride_rm,
                   out_ptr, stride_om, HAS_BIAS, ACTIVATION, HAS_RESIDUAL)
@@ -280,23 +313,30 @@ if _INTERPRETING:
     _LARGE_M_CONFIGS = [_config(32, 32, 1, 4, 1)]
     _SMALL_M_CONFIGS = [_config(16, 32, 1, 4, 1)]
 else:
-    _LARGE_M_CONFIGS = [_config(128, 128, 8, 8, 3), _config(128, 64, 8, 4, 4), _config(64, 128, 8, 4, 4),
-                        _config(64, 64, 8, 4, 4), _config(32, 64, 8, 4, 4)]
-    _SMALL_M_CONFIGS = [_config(16, n, 1, 4, s) for n in (32, 64, 128) for s in (3, 4)]
+    # No 128x128 tile and no 128x64 with 4 warps: on sm_80 at G >= 128 they need more than
+    # 255 registers and spill (inside the main loop for 128x128; benchmarks/kernel_static.py).
+    _LARGE_M_CONFIGS = [_config(128, 64, 8, 8, 4), _config(64, 128, 8, 8, 3), _config(64, 128, 8, 4, 4),
+                        _config(64, 64, 8, 4, 4), _config(32, 64, 8, 4, 3)]
+    # BLOCK_M = 1 for M = 1: tl.dot pads it to the MMA's 16 rows, but the per-group int32 ->
+    # fp32 rescale then runs on one row instead of sixteen, which at G = 32 is what limits
+    # the loop (docs/lowering.md, "The decode hot loop").
+    _SMALL_M_CONFIGS = ([_config(1, n, 1, 4, s) for n in (256, 128) for s in (3, 4)]
+                        + [_config(16, n, 1, 4, s) for n in (32, 64, 128) for s in (3, 4)])
 
 # Tile width assumed when choosing SPLIT_K before the autotuner picks BLOCK_N. Heuristic.
-_NOMINAL_DECODE_BLOCK_N = 64
+_NOMINAL_DECODE_TILE = (16, 64)
 _NOMINAL_LARGE_TILE = (64, 64)
-# The smallest tile any config uses: sizes the split-K tile counters for whichever config the
-# autotuner picks.
-_MIN_BLOCK_M, _MIN_BLOCK_N = 16, 32
 
 
 def _prune_configs(configs: list, named_args: dict, **kwargs) -> list:
-    """Drop tiles much larger than the problem; keep at least the smallest config."""
+    """Drop tiles much larger than the problem, and row tiles shorter than a decode batch (each
+    row tile reads the whole weight again); keep at least the smallest config."""
     args = {**named_args, **kwargs}
-    max_m, max_n = max(16, args["M_BUCKET"]), max(32, triton.next_power_of_2(args["N"]))
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max_m and c.kwargs["BLOCK_N"] <= max_n]
+    m_bucket = args["M_BUCKET"]
+    max_m, max_n = max(16, m_bucket), max(32, triton.next_power_of_2(args["N"]))
+    min_m = min(16, m_bucket)
+    kept = [c for c in configs
+            if min_m <= c.kwargs["BLOCK_M"] <= max_m and c.kwargs["BLOCK_N"] <= max_n]
     return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
 
 
@@ -336,7 +376,7 @@ def launch_plan(m: int, n: int, k: int, group_size: int, device: torch.device) -
     small_m = m <= _SMALL_M_MAX
     if m > _SPLIT_K_M_MAX:
         return LaunchPlan(small_m, 1, n_groups)
-    block_m, block_n = (_MIN_BLOCK_M, _NOMINAL_DECODE_BLOCK_N) if small_m else _NOMINAL_LARGE_TILE
+    block_m, block_n = _NOMINAL_DECODE_TILE if small_m else _NOMINAL_LARGE_TILE
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
     split = max(1, min(n_groups, _MAX_SPLIT_K, triton.cdiv(_target_programs(device), tiles)))
     per_split = triton.cdiv(n_groups, split)
@@ -429,6 +469,7 @@ def w4a8_gemm(
         None if t is None else t.contiguous()  # no copy when already contiguous
         for t in (x_q, x_scale, x_zero, bias, residual))
     words = packed_words(w_packed)
+    x_q = word_aligned(x_q)
     if w_group_sums.stride() != w_scales.stride():  # the kernel reads both with one stride pair
         w_scales, w_group_sums = w_scales.contiguous(), w_group_sums.contiguous()
     plan = launch_plan(m, n, k, group_size, device)
@@ -437,14 +478,11 @@ def w4a8_gemm(
     half = group_size // 2
     flags = dict(HAS_BIAS=bias is not None, ACTIVATION=activation_named(activation).kernel_code,
                  HAS_RESIDUAL=residual is not None)
+    gemm = _small_m_gemm if plan.small_m else _large_m_gemm
     workspace = counters = None
     if plan.split_k > 1:
         workspace = torch.empty((plan.split_k, m, n), dtype=torch.float32, device=device)
-        # One ticket counter per output tile of the smallest config; the kernel leaves them at
-        # zero, but a fresh zeroed buffer keeps concurrent streams and traced graphs apart.
-        counters = torch.zeros(triton.cdiv(m, _MIN_BLOCK_M) * triton.cdiv(n, _MIN_BLOCK_N),
-                               dtype=torch.int32, device=device)
-    gemm = _small_m_gemm if plan.small_m else _large_m_gemm
+        counters = _tile_counters(gemm.configs, m, n, device)
 
     def grid(meta: dict) -> tuple[int, int]:
         return triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), plan.split_k
@@ -461,12 +499,26 @@ def w4a8_gemm(
     return out
 
 
+def _tile_counters(configs: list, m: int, n: int, device: torch.device) -> torch.Tensor:
+    """Zeroed int32 ticket counters, one per output tile of the smallest of `configs` (the
+    autotuner picks the config after this allocation). The kernel leaves them at zero, but a
+    fresh buffer per call keeps concurrent streams and traced graphs apart."""
+    block_m = min(c.kwargs["BLOCK_M"] for c in configs)
+    block_n = min(c.kwargs["BLOCK_N"] for c in configs)
+    return torch.zeros(triton.cdiv(m, block_m) * triton.cdiv(n, block_n), dtype=torch.int32, device=device)
+
+
+def word_aligned(t: torch.Tensor) -> torch.Tensor:
+    """`t`, contiguous and starting on a 4-byte boundary (a copy only when it is not), so its
+    rows can be read as int32 words (K is a multiple of 32, so every row starts on one too)."""
+    t = t.contiguous()
+    return t.clone() if (t.storage_offset() * t.element_size()) % 4 else t
+
+
 def packed_words(w_packed: torch.Tensor) -> torch.Tensor:
     """convert's (N, K // 2) uint8 packed weight as the (N, K // 8) int32 words the kernel
     loads: a view, no copy (a copy only for a non-contiguous or misaligned buffer)."""
-    if not w_packed.is_contiguous() or w_packed.storage_offset() % 4:
-        w_packed = w_packed.contiguous().clone()
-    return w_packed.view(torch.int32)
+    return word_aligned(w_packed).view(torch.int32)
 
 
 # ---- torch reference ------------------------------------------------------------------------

@@ -53,14 +53,13 @@ class Problem:
     def args(self) -> tuple:
         return (self.x_q, self.x_scale, self.x_zero, self.w_packed, self.w_scales, self.w_group_sums)
 
-    def corrected_group_dots(self) -> torch.Tensor:
-        """(groups, M, N) int64: dot_g - z_t * wsum[n, g], computed independently in int64."""
+    def group_dots_and_sums(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(groups, M, N) dot_g and (groups, N) wsum, float64 from independent int64 math."""
         m, k = self.x_q.shape
         n, groups = self.q_w.shape[0], k // self.g
-        x = self.x_q.long().view(m, groups, self.g)
         w = self.q_w.long().view(n, groups, self.g)
-        dots = torch.einsum("mgk,ngk->gmn", x, w)
-        return dots - self.x_zero.long().view(1, m, 1) * w.sum(-1).t().unsqueeze(1)
+        dots = torch.einsum("mgk,ngk->gmn", self.x_q.long().view(m, groups, self.g), w)
+        return dots.double(), w.sum(-1).t().double()
 
 
 def report_worst(actual: torch.Tensor, expected: torch.Tensor, bound: torch.Tensor) -> str:
@@ -122,12 +121,15 @@ REFERENCE_CASES += [(m, 40, 128, 32, True, act, True, F32)
 def reference_bound(p: Problem, bias, residual, activation, out_dtype, y_fp32) -> torch.Tensor:
     """Elementwise |kernel - reference| bound, derived:
 
-    Both sum the same fp32 products fl(corr_g * s_ng) (corr_g is an exact integer < 2^24), in
-    different orders (split-K) or with FMA contraction. Two summation orders of n terms differ
-    by at most 2 * gamma_{n-1} * sum |terms| <= (n - 1) * eps * sum |terms|; contraction skips
-    one product rounding per term on one side (eps / 2 each). The products with s_t and the
-    bias add one rounding per side each. So with S = |s_t| * sum_g |s_ng * corr_g| and
-    mag = S + |bias| >= |y before the activation|:
+    Both sum the same fp32 products fl(dot_g * s_ng) (dot_g an exact integer < 2^24; the
+    kernel's 16 * dot_g and its final * 1/16 are exact power-of-two scalings) and the same
+    column terms fl(s_ng * wsum_ng), in different orders (split-K) or with FMA contraction,
+    then subtract z_t * c_n once. Two summation orders of n terms differ by at most
+    2 * gamma_{n-1} * sum |terms| <= (n - 1) * eps * sum |terms|; contraction skips one product
+    rounding per term on one side (eps / 2 each). The subtraction, the products with z_t and
+    s_t and the bias add one rounding per side each. The error is relative to the terms before
+    the zero-point cancellation, so with
+    S = |s_t| * (sum_g |s_ng * dot_g| + |z_t| * sum_g |s_ng * wsum_ng|), mag = S + |bias|:
         pre-activation:  (n_groups + 3) * eps * mag, doubled for second-order terms;
         activation:      Lipschitz 1.13 times that, plus a few ulps of each side's activation
                          formula (erf, sigmoid-form tanh): 8 * eps * mag;
@@ -136,12 +138,14 @@ def reference_bound(p: Problem, bias, residual, activation, out_dtype, y_fp32) -
                          this also covers the interpreter, whose fp32 -> bf16 cast truncates
                          where a GPU and torch round to nearest even.
     """
-    groups = p.corrected_group_dots().double()
-    terms = (groups * p.w_scales.double().t().unsqueeze(1)).abs()
-    mag = p.x_scale.double().abs() * terms.sum(0)
+    dots, sums = p.group_dots_and_sums()
+    scales = p.w_scales.double().t()  # (groups, N)
+    terms = (dots * scales.unsqueeze(1)).abs().sum(0)  # (M, N)
+    column = (sums * scales).abs().sum(0)  # (N,)
+    mag = p.x_scale.double().abs() * (terms + p.x_zero.double().abs() * column)
     if bias is not None:
         mag = mag + bias.double().abs()
-    bound = 2 * (groups.shape[0] + 3) * EPS * mag
+    bound = 2 * (dots.shape[0] + 3) * EPS * mag
     if activation != "none":
         bound = ACTIVATION_LIPSCHITZ * bound + 8 * EPS * mag
     res = 0 if residual is None else residual.double().abs()
@@ -169,6 +173,53 @@ def test_reference_cases_cover_every_path():
     assert any(p.small_m and p.split_k > 1 for p in plans), "no split-K decode case"
     assert any(p.small_m and p.split_k == 1 for p in plans), "no unsplit decode case"
     assert any(not p.small_m for p in plans), "no large-M case"
+    assert any(not p.small_m and p.split_k > 1 for p in plans), "no split-K case with M > 16"
+
+
+def test_split_k_reaches_m_128_and_stops_above():
+    assert launch_plan(128, 40, 1024, 128, DEVICE).split_k > 1
+    assert launch_plan(129, 40, 1024, 128, DEVICE).split_k == 1
+
+
+@pytest.mark.parametrize("m, n, k, g", [(1, 72, 256, 32), (3, 40, 512, 128)])
+def test_single_row_tiles_match_reference(monkeypatch, m, n, k, g):
+    """The GPU's BLOCK_M = 1 decode configs (tl.dot pads the row tile to the MMA's 16 rows).
+    At M = 3 each row is its own tile, and split-K keeps one ticket counter per tile."""
+    single_row = gemm_module._autotuned([gemm_module._config(1, 32, 1, 4, 1)])
+    monkeypatch.setattr(gemm_module, "_small_m_gemm", single_row)
+    p = Problem(m, n, k, g)
+    bias = torch.randn(n, device=DEVICE)
+    y = w4a8_gemm(*p.args(), bias, group_size=g, activation="silu")
+    expected = w4a8_gemm_reference(*p.args(), bias, group_size=g, activation="silu")
+    assert launch_plan(m, n, k, g, DEVICE).split_k > 1
+    assert_within(y, expected, reference_bound(p, bias, None, "silu", torch.float32, expected))
+
+
+def test_pruning_keeps_single_row_tiles_for_one_row_only():
+    configs = [gemm_module._config(bm, 128, 1, 4, 3) for bm in (1, 16, 64)]
+    kept = lambda m_bucket: [c.kwargs["BLOCK_M"] for c in gemm_module._prune_configs(  # noqa: E731
+        configs, {"M_BUCKET": m_bucket, "N": 4096})]
+    assert kept(1) == [1, 16]
+    assert kept(8) == [16]  # a 1-row tile would read the weight 8 times
+    assert kept(64) == [16, 64]
+
+
+def _at_odd_offset(t: torch.Tensor) -> torch.Tensor:
+    storage = torch.zeros(t.numel() + 1, dtype=t.dtype, device=t.device)
+    shifted = storage[1:].view_as(t)
+    shifted.copy_(t)
+    return shifted
+
+
+@pytest.mark.parametrize("g", [32, 64])
+def test_misaligned_operands_are_read_correctly(g):
+    """The kernel reads the packed weight (and at G = 32 the activations) as int32 words;
+    buffers starting at an odd byte offset cannot be viewed that way and are copied first."""
+    p = Problem(3, 40, 128, g)
+    args = (_at_odd_offset(p.x_q), *p.args()[1:3], _at_odd_offset(p.w_packed), *p.args()[4:])
+    y = w4a8_gemm(*args, group_size=g)
+    expected = w4a8_gemm_reference(*p.args(), group_size=g)
+    assert_within(y, expected, reference_bound(p, None, None, "none", torch.float32, expected))
 
 
 def test_bf16_scales_and_non_contiguous_inputs():
