@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import datetime
 import platform
 import statistics
@@ -189,14 +190,13 @@ def report(cfg: RunConfig, rank: int, n_params: int, results: dict[str, Measurem
 
 
 def parse_args(argv: Optional[list[str]]) -> tuple[RunConfig, int]:
+    """bench_qat_step's options, plus --rank; the table goes to qat_lora_<device>.md by default."""
     ap = argparse.ArgumentParser(add_help=False)
     ap.add_argument("--rank", type=int, default=8)
-    known, rest = ap.parse_known_args(argv)
-    if "--out" not in rest:
-        quick = "--quick" in rest
-        device = next((rest[i + 1] for i, a in enumerate(rest) if a == "--device"), "cuda" if torch.cuda.is_available() else "cpu")
-        rest += ["--out", str(RESULTS / f"qat_lora_{'quick' if quick else device}.md")]
-    return step_args(rest), known.rank
+    ap.add_argument("--out", type=Path)
+    own, rest = ap.parse_known_args(argv)
+    cfg = step_args(rest)
+    return dataclasses.replace(cfg, out=own.out or RESULTS / f"qat_lora_{cfg.device}.md"), own.rank
 
 
 def main(argv: Optional[list[str]] = None) -> int:
