@@ -62,3 +62,15 @@ __all__ = [
     "save",
     "summary",
 ]
+
+# Subpackages reached as attributes after `import qatfx` (`qatfx.export.gguf(...)`), imported
+# on first use so that `import qatfx` loads no runtime (ExecuTorch, gguf, transformers).
+_LAZY_SUBPACKAGES = ("debug", "export", "integrations")
+
+
+def __getattr__(name: str):
+    if name in _LAZY_SUBPACKAGES:
+        import importlib
+
+        return importlib.import_module(f"qatfx.{name}")
+    raise AttributeError(f"module 'qatfx' has no attribute {name!r}")

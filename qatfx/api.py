@@ -14,7 +14,7 @@ from torch.utils import _pytree as pytree
 from qatfx.capture import CaptureError, capture
 from qatfx.graph.meta import CONVERTED, PREPARED
 from qatfx.graph.regions import graph_regions, is_regional, model_stage
-from qatfx.module import QATGraphModule, captured_copy, copy_model_sharing_tensors, copy_sharing_tensors
+from qatfx.module import QATGraphModule, captured_copy, keep_model_attributes, copy_model_sharing_tensors, copy_sharing_tensors
 from qatfx.passes.annotate import annotate_pass
 from qatfx.passes.convert import convert
 from qatfx.passes.fake_quant_toggle import set_fake_quant_enabled
@@ -87,6 +87,7 @@ def prepare_pt2e(
     else:
         exported = capture(model, example_inputs, example_kwargs=example_kwargs, dynamic_shapes=dynamic_shapes, strict=strict)
         prepared = captured_copy(exported)
+        keep_model_attributes(prepared, model)
         prepared.qatfx_dump_dir = None if dump_dir is None else str(dump_dir)
         if isinstance(model, torch.nn.Module) and not isinstance(model, torch.fx.GraphModule):
             prepared.train(model.training)

@@ -92,6 +92,24 @@ def unviewed(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     return pytree.tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) and v._is_view() else v, (args, kwargs))
 
 
+@contextlib.contextmanager
+def kv_cache_off(model: Any) -> Iterator[None]:
+    """Within the block, a Hugging Face model's config says use_cache=False: a program cannot
+    return the KV cache object (DynamicCache), and a model built with the default config
+    (use_cache=True) would otherwise fail torch.export. Restored afterwards; a model without
+    a `config.use_cache` is left alone."""
+    config = getattr(model, "config", None)
+    cached = getattr(config, "use_cache", None)
+    if not cached:
+        yield
+        return
+    config.use_cache = False
+    try:
+        yield
+    finally:
+        config.use_cache = cached
+
+
 # ---- explaining an export failure ---------------------------------------------------------
 
 _MAX_REASON_LINES = 6
@@ -277,7 +295,7 @@ def capture(
             example_inputs = (example_inputs,)
         example_inputs, kwargs = unviewed(example_inputs, example_kwargs or {})
         try:
-            with explicit_keywords(model, kwargs):
+            with explicit_keywords(model, kwargs), kv_cache_off(model):
                 if dynamic_shapes is None:
                     dynamic_shapes = automatic_dynamic_shapes(model, example_inputs, kwargs, warn_size_one=warn_size_one)
                 ep = torch.export.export(model, example_inputs, kwargs, dynamic_shapes=dynamic_shapes, strict=strict)

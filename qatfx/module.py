@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.fx
@@ -33,6 +33,8 @@ def _deepcopy_graph_module(deepcopy, memo):
 class QATGraphModule(torch.fx.GraphModule):
     # Attributes carried through deepcopy, beside what GraphModule keeps itself.
     _QATFX_ATTRS = ("qatfx_stage", "qatfx_layers", "qatfx_dump_dir", "qatfx_region")
+    # The source model's attributes a whole capture keeps (the exports read the config).
+    MODEL_ATTRS = ("config", "generation_config")
 
     qatfx_stage: str
     qatfx_layers: list
@@ -89,8 +91,20 @@ class QATGraphModule(torch.fx.GraphModule):
         _keep_non_persistent_buffers(self, res)
         for attr in self._QATFX_ATTRS:
             setattr(res, attr, copy.deepcopy(getattr(self, attr, None), memo))
+        for attr in self.MODEL_ATTRS:
+            if attr in self.__dict__:
+                res.__dict__[attr] = copy.deepcopy(self.__dict__[attr], memo)
         res.training = self.training
         return res
+
+
+def keep_model_attributes(gm: QATGraphModule, model: Any) -> None:
+    """`gm` (a whole capture of `model`) carries the model's `config` and `generation_config`,
+    so the exports and `save_pretrained`-style code find them as on the model itself."""
+    for attr in QATGraphModule.MODEL_ATTRS:
+        value = getattr(model, attr, None)
+        if value is not None:
+            gm.__dict__[attr] = value
 
 
 def captured_copy(exported: torch.fx.GraphModule) -> QATGraphModule:

@@ -29,7 +29,7 @@ import torch.fx
 from torch.export import Dim, ExportedProgram
 from torch.utils import _pytree as pytree
 
-from qatfx.capture import automatic_dynamic_shapes, by_parameter_name, unviewed
+from qatfx.capture import automatic_dynamic_shapes, by_parameter_name, kv_cache_off, unviewed
 from qatfx.formats import format_named
 from qatfx.graph.meta import CONVERTED
 from qatfx.graph.regions import is_regional, model_stage
@@ -74,7 +74,7 @@ def save(
     captured with (a region capture: the example inputs given to prepare_pt2e) and every dim
     that was dynamic stays dynamic. Pass `example_inputs` / `example_kwargs` /
     `dynamic_shapes` if that export needs other ones (a Hugging Face model built with
-    use_cache=True: example_kwargs={"use_cache": False}). Returns the directory.
+    use_cache=True is exported with the cache off). Returns the directory.
     """
     module = getattr(converted, "_orig_mod", converted)  # a torch.compile wrapper
     stage = model_stage(module)
@@ -139,7 +139,8 @@ def _export(module: torch.fx.GraphModule, args, kwargs, dynamic_shapes) -> Expor
             args, kwargs = unviewed(args if isinstance(args, tuple) else (args,), kwargs or {})
             auto_shapes = automatic_dynamic_shapes(module, args, kwargs)
         dynamic_shapes = auto_shapes if dynamic_shapes is None else dynamic_shapes
-        return torch.export.export(module, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+        with kv_cache_off(module):  # a default HF config (use_cache=True) would return a DynamicCache
+            return torch.export.export(module, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
         raise SerializationError(

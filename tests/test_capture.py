@@ -87,15 +87,50 @@ def test_unsupported_output_type(strict):
         prepare(ReturnsObject(), X, strict=strict)
 
 
-def test_hf_model_returning_a_kv_cache():
+def _default_hf_llama():
+    """An HF Llama with transformers' default config: use_cache=True."""
     import transformers
     config = transformers.LlamaConfig(
         vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, use_cache=True,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16,
     )
-    model = transformers.LlamaForCausalLM(config).eval()
+    assert config.use_cache
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def test_whole_capture_of_a_default_hf_model_keeps_its_config():
+    """A default HF config (use_cache=True) captures whole: the cache is off during the export
+    only, and the prepared and converted modules carry the model's config and
+    generation_config, which every export reads."""
+    model = _default_hf_llama()
+    ids = torch.randint(0, 128, (2, 8))
+    prepared = prepare(model, ids)
+    assert model.config.use_cache  # restored
+    assert prepared.config is model.config and prepared.generation_config is model.generation_config
+    converted = qatfx.convert_pt2e(prepared)
+    assert converted.config.to_dict() == model.config.to_dict()
+    assert converted.generation_config.to_dict() == model.generation_config.to_dict()
+    with torch.no_grad():
+        assert torch.equal(converted(ids).logits, prepared(ids).logits)
+
+
+def test_hf_model_asked_for_its_kv_cache():
+    """An explicit use_cache=True still returns the cache object: the hint names the fix."""
     with pytest.raises(qatfx.CaptureError, match=r"(?s)DynamicCache.*use_cache=False.*\.logits"):
-        prepare(model, torch.randint(0, 128, (2, 8)))
+        prepare(_default_hf_llama(), torch.randint(0, 128, (2, 8)), example_kwargs={"use_cache": True})
+
+
+def test_qatfx_export_is_reachable_after_import_qatfx_without_loading_a_runtime():
+    import subprocess
+    import sys
+    code = (
+        "import sys, qatfx\n"
+        "loaded = [m for m in ('gguf', 'executorch', 'transformers', 'compressed_tensors') if m in sys.modules]\n"
+        "assert not loaded, loaded\n"
+        "assert callable(qatfx.export.gguf) and callable(qatfx.export.hf) and callable(qatfx.export.executorch)\n"
+        "assert 'gguf' not in sys.modules  # imported when gguf() runs\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 @pytest.mark.parametrize(

@@ -160,6 +160,20 @@ def test_skipped_layers_and_keyword_inputs(tmp_path):
     assert out["tensors"] == {"weight": "out.weight", "bias": "out.bias"}
 
 
+def test_region_captured_hf_model_with_its_default_config(tmp_path):
+    """transformers' default config (use_cache=True): save re-exports with the cache off, and
+    the loaded program computes the converted model's logits."""
+    from tests.model_zoo import _hf
+
+    model, vocab = _hf("LlamaConfig", "LlamaForCausalLM", use_cache=True)()
+    converted = qatfx.convert_pt2e(qatfx.prepare_pt2e(model, Q(32), (tokens(2, 8, vocab, 0),), regions="auto").eval())
+    loaded = qatfx.load(qatfx.save(converted, tmp_path / "hf"))
+    assert converted.config.use_cache
+    ids = tokens(2, 8, vocab, 3)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, converted(ids).logits)
+
+
 # ---- errors -------------------------------------------------------------------------------
 
 

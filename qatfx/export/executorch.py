@@ -30,6 +30,7 @@ from qatfx.export.verify import (
     verify_pte,
 )
 from qatfx.export.xnnpack_patterns import CODES_SUFFIX, rewrite_for_xnnpack
+from qatfx.capture import kv_cache_off
 from qatfx.graph.meta import CONVERTED
 from qatfx.graph.regions import graph_regions, model_stage
 from qatfx.module import copy_model_sharing_tensors, copy_sharing_tensors
@@ -116,6 +117,7 @@ def executorch(
             "qatfx.export.executorch needs a module returned by qatfx.convert_pt2e "
             f"(got {'a module at stage ' + repr(stage) if stage else type(module).__name__}); convert it first"
         )
+    _refuse_weight_only(module)
     if verify:
         check_thresholds(min_next_token_agreement, max_relative_error)  # before minutes of lowering
     to_edge_transform_and_lower, XnnpackPartitioner = _executorch()
@@ -124,7 +126,8 @@ def executorch(
         example_kwargs = recorded if example_kwargs is None else example_kwargs
     rewritten, weights, left = rewritten_copy(module)
     try:
-        ep = torch.export.export(rewritten, tuple(example_inputs), example_kwargs or {}, dynamic_shapes=dynamic_shapes, strict=False)
+        with kv_cache_off(rewritten):  # a default HF config (use_cache=True) would return a DynamicCache
+            ep = torch.export.export(rewritten, tuple(example_inputs), example_kwargs or {}, dynamic_shapes=dynamic_shapes, strict=False)
         edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()])
         program = edge.to_executorch()
     except Exception as exc:
@@ -146,15 +149,33 @@ def executorch(
     if verify:
         inputs = verify_inputs if verify_inputs is not None else held_out_inputs(module, example_inputs, example_kwargs)
         try:
-            report.verification = verify_pte(
-                target, module, inputs, kwargs=example_kwargs,
-                min_next_token_agreement=min_next_token_agreement, max_relative_error=max_relative_error,
-            )
+            with kv_cache_off(module):
+                report.verification = verify_pte(
+                    target, module, inputs, kwargs=example_kwargs,
+                    min_next_token_agreement=min_next_token_agreement, max_relative_error=max_relative_error,
+                )
         except VerificationError as exc:
             exc.export = report  # what was written, for the caller that wants to inspect it
             raise
     log.info("qatfx: %s", report)
     return report
+
+
+def _refuse_weight_only(module: torch.nn.Module) -> None:
+    """XNNPACK's partitioner delegates quantized linears whose activations are quantized too
+    (dynamic int8 per token x int4 per group / int8 per channel); a weight-only linear (float
+    activations) becomes a bare qatfx dequantize, which ExecuTorch has no kernel for and
+    `to_executorch` refuses ("Missing out variants") after minutes of lowering. Say so first."""
+    weight_only = [r for r in summary(module).quantized if r.op != "embedding" and r.input_spec is None]
+    if weight_only:
+        schemes = sorted({r.weight_spec.describe() for r in weight_only})
+        raise ExportError(
+            f"{len(weight_only)} linear(s) are weight-only quantized ({'; '.join(schemes)}; e.g. {weight_only[0].layer}): "
+            "ExecuTorch's XNNPACK delegate runs quantized linears with int8 dynamic per-token activations only, and "
+            "ExecuTorch has no kernel for a weight-only dequantize. Train with qatfx.Int8DynActInt4WeightQuantizer "
+            "(8da4w; scales_precision=torch.bfloat16 keeps XNNPACK's grid exact), or export this model to GGUF "
+            "(qatfx.export.gguf) or compressed-tensors (qatfx.export.hf), which hold weight-only grids"
+        )
 
 
 def delegation(ep, weights: list, left: list) -> tuple[int, dict]:

@@ -18,7 +18,6 @@ and, when training ends, converts and saves the model. Trainer's own checkpoints
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Any, Optional, Union
 import torch
 from transformers import PreTrainedModel, TrainerCallback
 
+from qatfx.capture import kv_cache_off
 from qatfx.api import convert_pt2e, disable_fake_quant, enable_fake_quant, fake_quant_enabled, prepare_pt2e
 from qatfx.graph.meta import PREPARED
 from qatfx.graph.regions import is_regional, model_stage
@@ -115,7 +115,7 @@ class QATCallback(TrainerCallback):
         self.converted = convert_pt2e(model).eval()
         if state.is_world_process_zero:
             target = Path(self.output_dir) if self.output_dir is not None else Path(args.output_dir) / SAVE_SUBDIR
-            with _no_kv_cache(self.converted):
+            with kv_cache_off(self.converted):
                 self.saved_to = save(self.converted, target, **(self.save_kwargs or _default_save_kwargs(self.converted)))
             log.info("qatfx: converted model saved to %s (load it with qatfx.load)", self.saved_to)
 
@@ -144,19 +144,3 @@ def _default_save_kwargs(converted: torch.nn.Module) -> dict:
         return {}
     args, kwargs = converted.qatfx_example_inputs
     return {"example_inputs": args, "example_kwargs": {k: v for k, v in kwargs.items() if k not in ("labels", "use_cache")}}
-
-
-@contextlib.contextmanager
-def _no_kv_cache(model: torch.nn.Module):
-    """The model's config says use_cache=False for a while: a program cannot return the
-    cache object, and the saved program should not need a use_cache argument."""
-    config = getattr(model, "config", None)
-    cached = getattr(config, "use_cache", None)
-    if cached is None:
-        yield
-        return
-    config.use_cache = False
-    try:
-        yield
-    finally:
-        config.use_cache = cached

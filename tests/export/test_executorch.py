@@ -16,7 +16,7 @@ from qatfx.graph.linear_sites import get_attr_value
 from qatfx.graph.regions import graph_regions
 from tests.export.decisions import assert_same_logits_and_tokens
 from tests.export.training import qat_steps
-from tests.model_zoo import BY_NAME
+from tests.model_zoo import _hf
 from tests.models import TinyLM, tokens
 
 runtime = pytest.importorskip("executorch.runtime", reason="the executorch extra: pip install -e '.[executorch]'")
@@ -144,7 +144,9 @@ def test_a_quantized_embeddings_grid_values_meet_rounding_ties(tmp_path):
 
 
 def test_hf_llama_forward_exports_with_all_linears_delegated(tmp_path):
-    model, vocab = BY_NAME["hf_llama"].build()
+    """With transformers' default config (use_cache=True): the program is exported with the
+    cache off, as the converted model is verified."""
+    model, vocab = _hf("LlamaConfig", "LlamaForCausalLM", use_cache=True)()
     quantizer = qatfx.Int8DynActInt4WeightQuantizer(GROUP, scales_precision=torch.bfloat16)
     converted = qatfx.convert_pt2e(qatfx.prepare_pt2e(model, quantizer, (tokens(2, 8, vocab, 0),), regions="auto").eval())
     report = qatfx.export.executorch(converted, tmp_path / "llama.pte")
@@ -163,6 +165,16 @@ def test_float32_trained_scales_are_reported(tied_toy):
     converted = qatfx.convert_pt2e(qatfx.prepare_pt2e(TinyLM(), qatfx.Int8DynActInt4WeightQuantizer(GROUP), (tokens(),)).eval())
     assert any("bfloat16" in d and "scales_precision=torch.bfloat16" in d for d in _differences(converted))
     assert not any("bfloat16" in d for d in _differences(tied_toy[0]))  # trained in bf16: nothing to say
+
+
+@pytest.mark.parametrize("quantizer", [qatfx.Int8WeightOnlyQuantizer(), qatfx.Int4WeightOnlyQuantizer(GROUP)], ids=["int8wo", "int4wo"])
+def test_weight_only_models_are_refused_before_lowering(tmp_path, quantizer):
+    """XNNPACK delegates linears with int8 dynamic activations only; a weight-only model is
+    refused before any lowering, naming its scheme and the ones that deploy there."""
+    converted = qatfx.convert_pt2e(qatfx.prepare_pt2e(TinyLM().eval(), quantizer, (tokens(),)))
+    with pytest.raises(qatfx.export.ExportError, match=r"(?s)weight-only quantized.*Int8DynActInt4WeightQuantizer.*qatfx\.export\.gguf"):
+        qatfx.export.executorch(converted, tmp_path / "wo.pte")
+    assert not (tmp_path / "wo.pte").exists()
 
 
 def test_refuses_a_model_that_is_not_converted():
