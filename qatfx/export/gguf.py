@@ -1,5 +1,8 @@
-"""qatfx.export.gguf: a converted Llama-architecture model -> a GGUF file llama.cpp loads,
-every int4 linear in Q4_0 holding the trained codes and scales (docs/export_gguf.md).
+"""qatfx.export.gguf: a converted model (Llama 2/3.x, SmolLM, Mistral, Qwen2/2.5, Qwen3 from
+transformers, or the demo's CausalLM) -> a GGUF file llama.cpp loads, every int4 linear in
+Q4_0 holding the trained codes and scales (docs/export_gguf.md). The metadata, tensor names,
+layout transforms and tokenizer are written as llama.cpp's own converter writes them
+(gguf_arch.py, gguf_vocab.py).
 
 The usual route (dequantize -> convert_hf_to_gguf -> llama-quantize) recomputes every block
 scale from the float weights; this writes convert's own grid, so the file's weights are the
@@ -15,17 +18,18 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
 from qatfx import reference
+from qatfx.export.gguf_arch import Family, block_count, family_of, hparams_of, llama3_rope_factors, row_transform, tensor_namer, write_hparams
 from qatfx.export.gguf_blocks import BLOCK, block_problem, fp16_problem, q4_0_bytes, q8_0_bytes
-from qatfx.export.llama_layout import LlamaHParams, UnsupportedModel, config_of, expected_tensors, hf_names, llama_hparams
+from qatfx.export.gguf_vocab import write_tokenizer
+from qatfx.export.llama_layout import UnsupportedModel, config_of, hf_names
 from qatfx.export.verify import ExportError, VerificationError
 from qatfx.export.weights import QuantizedWeight, converted_tensors
 from qatfx.spec import q8_0_activation
@@ -33,32 +37,6 @@ from qatfx.spec import q8_0_activation
 logger = logging.getLogger(__name__)
 
 FLOAT_TYPES = ("q8_0", "f16", "f32")  # for embeddings and a float output head
-
-_LAYER_NAMES = {
-    "input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
-    "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
-}
-_TOP_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight", "lm_head.weight": "output.weight"}
-
-
-def gguf_name(hf: str) -> str:
-    """llama.cpp's name for a Hugging Face Llama tensor (convert_hf_to_gguf's mapping)."""
-    if hf in _TOP_NAMES:
-        return _TOP_NAMES[hf]
-    match = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)", hf)
-    if match is None or match.group(2) not in _LAYER_NAMES:
-        raise UnsupportedModel(f"{hf} has no llama.cpp tensor")
-    return f"blk.{match.group(1)}.{_LAYER_NAMES[match.group(2)]}.{match.group(3)}"
-
-
-def rotary_rows(rows: torch.Tensor, heads: int) -> torch.Tensor:
-    """Reorder q/k rows (and their scales' rows) from Hugging Face's rotate-half layout to
-    llama.cpp's adjacent pairs (convert_hf_to_gguf `LlamaModel.permute`): a permutation, so
-    codes and scales move unchanged."""
-    n = rows.shape[0]
-    return rows.reshape(heads, 2, n // heads // 2, *rows.shape[1:]).transpose(1, 2).reshape(rows.shape)
-
 
 @dataclass
 class GGUFExport:
@@ -115,13 +93,14 @@ def _layout_problem(weight: QuantizedWeight) -> Optional[str]:
     return block_problem(weight.group_size, weight.shape[1])
 
 
-def _quantized_tensor(gguf, weight: QuantizedWeight, heads: Optional[int], allow_rounding: bool) -> tuple[Optional[_Tensor], Optional[tuple]]:
+def _quantized_tensor(gguf, weight: QuantizedWeight, rows: Optional[Callable], allow_rounding: bool) -> tuple[Optional[_Tensor], Optional[tuple]]:
     """The weight as Q4_0 / Q8_0 from its codes: (tensor, None) when exact; (None, reason) when
-    it is not and rounding is not allowed; (tensor, (reason, weights moved)) when rounded."""
+    it is not and rounding is not allowed; (tensor, (reason, weights moved)) when rounded.
+    rows: the family's row permutation (q/k), applied to codes, scales and values alike."""
     codes, scales = weight.codes, weight.scales
     expected = weight.dequantized(torch.float32)
-    if heads is not None:
-        codes, scales, expected = rotary_rows(codes, heads), rotary_rows(scales, heads), rotary_rows(expected, heads)
+    if rows is not None:
+        codes, scales, expected = rows(codes), rows(scales), rows(expected)
     bits = _bits(weight)
     ggml = gguf.GGMLQuantizationType.Q4_0 if bits <= 4 else gguf.GGMLQuantizationType.Q8_0
     layout, scale_problem = _layout_problem(weight), fp16_problem(weight.scales)
@@ -146,10 +125,10 @@ def _quantized_tensor(gguf, weight: QuantizedWeight, heads: Optional[int], allow
     return _Tensor(data, ggml, requantized, True), (f"{layout}; requantized with llama.cpp's {ggml.name} quantizer", moved)
 
 
-def _float_tensor(gguf, tensor: torch.Tensor, kind: str, heads: Optional[int] = None) -> _Tensor:
+def _float_tensor(gguf, tensor: torch.Tensor, kind: str, rows: Optional[Callable] = None) -> _Tensor:
     values = tensor.detach().to(torch.float32)
-    if heads is not None:
-        values = rotary_rows(values, heads)
+    if rows is not None:
+        values = rows(values)
     array = values.numpy()
     if kind == "f32":
         return _Tensor(array, gguf.GGMLQuantizationType.F32, values, True)
@@ -158,35 +137,26 @@ def _float_tensor(gguf, tensor: torch.Tensor, kind: str, heads: Optional[int] = 
     return _Tensor(gguf.quants.quantize(array, gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0, values, False)
 
 
-def _rotary_heads(hf: str, hp: LlamaHParams) -> Optional[int]:
-    if hf.endswith("self_attn.q_proj.weight"):
-        return hp.num_attention_heads
-    if hf.endswith("self_attn.k_proj.weight"):
-        return hp.num_key_value_heads
-    return None
-
-
-def _collect(gguf, converted, hp: LlamaHParams, embeddings: str, output: str, allow_rounding: bool):
+def _collect(gguf, converted, hparams: dict, family: Family, embeddings: str, output: str, allow_rounding: bool):
     tensors = converted_tensors(converted)
     sources = {**tensors.float, **tensors.quantized}
     by_hf = hf_names(sources)
-    if hp.tie_word_embeddings and "model.embed_tokens.weight" not in by_hf and "lm_head.weight" in by_hf:
+    tied = bool(hparams.get("tie_word_embeddings", False))
+    if tied and "model.embed_tokens.weight" not in by_hf and "lm_head.weight" in by_hf:
         by_hf["model.embed_tokens.weight"] = by_hf.pop("lm_head.weight")  # one table, stored under the head's name
     if "model.embed_tokens.weight" in by_hf and by_hf.get("lm_head.weight") == by_hf["model.embed_tokens.weight"]:
         del by_hf["lm_head.weight"]  # tied: llama.cpp reads token_embd for the output
-    missing = [n for n in expected_tensors(hp) if n not in by_hf and not (n == "lm_head.weight" and hp.tie_word_embeddings)]
-    if missing:
-        raise UnsupportedModel(f"the model lacks tensors a Llama with this config has: {', '.join(missing[:4])}"
-                               f"{' ...' if len(missing) > 4 else ''}; is config= this model's?")
+    _check_complete(by_hf, hparams)
+    name_of = tensor_namer(gguf, hparams, family)
     out: dict = {}
     problems: dict = {}
     rounded: dict = {}
     quantized = 0
     for hf, source in by_hf.items():
-        name = gguf_name(hf)
-        heads = _rotary_heads(hf, hp)
+        name = name_of(hf)
+        rows = row_transform(hf, hparams, family)
         if source in tensors.quantized:
-            tensor, issue = _quantized_tensor(gguf, tensors.quantized[source], heads, allow_rounding)
+            tensor, issue = _quantized_tensor(gguf, tensors.quantized[source], rows, allow_rounding)
             if tensor is None:
                 problems[source] = issue
                 continue
@@ -199,9 +169,9 @@ def _collect(gguf, converted, hp: LlamaHParams, embeddings: str, output: str, al
         elif hf == "lm_head.weight":
             tensor = _float_tensor(gguf, sources[source], output)
         elif sources[source].dim() == 1:
-            tensor = _float_tensor(gguf, sources[source], "f32")  # norms and biases: llama.cpp wants F32
+            tensor = _float_tensor(gguf, sources[source], "f32", rows)  # norms and biases: llama.cpp wants F32
         else:
-            tensor = _float_tensor(gguf, sources[source], "f16", heads)  # a linear left in float
+            tensor = _float_tensor(gguf, sources[source], "f16", rows)  # a linear left in float
         out[name] = tensor
     if problems:
         listed = "\n".join(f"  {layer}: {why}" for layer, why in problems.items())
@@ -212,21 +182,30 @@ def _collect(gguf, converted, hp: LlamaHParams, embeddings: str, output: str, al
             "(CLI: --allow-rounding) to write them rounded and report how many weights moved; `qatfx finetune "
             "--scales-precision bfloat16` trains an exact grid"
         )
+    factors = llama3_rope_factors(hparams)
+    if factors is not None:  # Llama 3.1+: llama.cpp reads the scaled frequencies from this tensor
+        out[gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"] = _float_tensor(gguf, factors, "f32")
     return out, rounded, quantized
 
 
-def _write_metadata(gguf, writer, hp: LlamaHParams, name: str, file_type) -> None:
+def _check_complete(by_hf: dict, hparams: dict) -> None:
+    """The config describes this model: an embedding, and every block the config counts holds
+    the tensors block 0 holds (a wrong config= would write a file llama.cpp cannot load)."""
+    layers = block_count(hparams)
+    first = {hf.removeprefix("model.layers.0.") for hf in by_hf if hf.startswith("model.layers.0.")}
+    expected = ["model.embed_tokens.weight"] + [f"model.layers.{i}.{rest}" for i in range(layers) for rest in sorted(first)]
+    missing = [n for n in expected if n not in by_hf]
+    if not first or missing:
+        missing = missing or [f"model.layers.{i}.*" for i in range(layers)]
+        raise UnsupportedModel(
+            f"the model lacks tensors its config ({layers} layers) implies: {', '.join(missing[:4])}"
+            f"{' ...' if len(missing) > 4 else ''}; is config= this model's?"
+        )
+
+
+def _write_metadata(gguf, writer, hparams: dict, family: Family, name: str, file_type) -> None:
     writer.add_name(name)
-    writer.add_context_length(hp.max_position_embeddings)
-    writer.add_embedding_length(hp.hidden_size)
-    writer.add_block_count(hp.num_hidden_layers)
-    writer.add_feed_forward_length(hp.intermediate_size)
-    writer.add_head_count(hp.num_attention_heads)
-    writer.add_head_count_kv(hp.num_key_value_heads)
-    writer.add_rope_freq_base(hp.rope_theta)
-    writer.add_rope_dimension_count(hp.head_dim)
-    writer.add_layer_norm_rms_eps(hp.rms_norm_eps)
-    writer.add_vocab_size(hp.vocab_size)
+    write_hparams(gguf, writer, hparams, family)
     writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
@@ -250,40 +229,6 @@ def _write_vocabulary(gguf, writer, vocabulary: Optional[Sequence[str]], vocab_s
     writer.add_add_bos_token(False)
     writer.add_add_eos_token(False)
     writer.add_add_space_prefix(False)
-
-
-def _write_hf_tokenizer(gguf, writer, directory: Path, vocab_size: int) -> None:
-    """A transformers tokenizer directory, as convert_hf_to_gguf writes it: a GPT-2-style
-    byte-level BPE (tokenizer.json), a Llama BPE with byte fallback (tokenizer.json) or a
-    SentencePiece model (tokenizer.model); ids past the tokenizer's up to the model's
-    vocabulary become unused padding tokens."""
-    vocab = None
-    for kind in (gguf.vocab.BpeVocab, gguf.vocab.LlamaHfVocab, gguf.vocab.SentencePieceVocab):
-        try:
-            vocab = kind(directory)
-            break
-        except (FileNotFoundError, TypeError):
-            continue
-    if vocab is None:
-        raise ExportError(f"{directory}: no tokenizer.json (BPE) or tokenizer.model (SentencePiece) that GGUF can hold")
-    tokens, scores, types = [], [], []
-    for text, score, token_type in vocab.all_tokens():
-        tokens.append(text)
-        scores.append(score)
-        types.append(token_type)
-    if len(tokens) > vocab_size:
-        raise ExportError(f"{directory}: the tokenizer has {len(tokens)} tokens, more than the model's {vocab_size} embeddings")
-    for i in range(len(tokens), vocab_size):
-        tokens.append(f"[PAD{i}]".encode())
-        scores.append(-1000.0)
-        types.append(gguf.TokenType.UNUSED)
-    writer.add_tokenizer_model(vocab.tokenizer_model)
-    if vocab.tokenizer_model == "gpt2":
-        writer.add_tokenizer_pre("default")  # llama.cpp's GPT-2 pre-tokenizer regex
-    writer.add_token_list(tokens)
-    writer.add_token_scores(scores)
-    writer.add_token_types(types)
-    gguf.SpecialVocab(directory, load_merges=vocab.tokenizer_model == "gpt2", n_vocab=vocab_size).add_to_gguf(writer, quiet=True)
 
 
 def gguf(
@@ -314,8 +259,9 @@ def gguf(
         raise ValueError("pass vocabulary= (a character vocabulary) or tokenizer_dir= (a transformers tokenizer), not both")
     gguf_module = _gguf()
     try:
-        hp = llama_hparams(config_of(converted, config))
-        tensors, rounded, quantized = _collect(gguf_module, converted, hp, embeddings, output, allow_rounding)
+        hparams = hparams_of(config_of(converted, config))
+        family = family_of(hparams)
+        tensors, rounded, quantized = _collect(gguf_module, converted, hparams, family, embeddings, output, allow_rounding)
     except (UnsupportedModel, ValueError) as exc:
         if isinstance(exc, ExportError):
             raise
@@ -324,12 +270,12 @@ def gguf(
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")  # a failed export leaves no file behind
     try:
-        writer = gguf_module.GGUFWriter(str(partial), "llama")
-        _write_metadata(gguf_module, writer, hp, name, gguf_module.LlamaFileType.MOSTLY_Q4_0)
+        writer = gguf_module.GGUFWriter(str(partial), gguf_module.MODEL_ARCH_NAMES[getattr(gguf_module.MODEL_ARCH, family.arch)])
+        _write_metadata(gguf_module, writer, hparams, family, name, gguf_module.LlamaFileType.MOSTLY_Q4_0)
         if tokenizer_dir is not None:
-            _write_hf_tokenizer(gguf_module, writer, Path(tokenizer_dir), hp.vocab_size)
+            write_tokenizer(gguf_module, writer, Path(tokenizer_dir), hparams, family)
         else:
-            _write_vocabulary(gguf_module, writer, vocabulary, hp.vocab_size)
+            _write_vocabulary(gguf_module, writer, vocabulary, hparams["vocab_size"])
         for tensor_name, tensor in tensors.items():
             writer.add_tensor(tensor_name, tensor.data, raw_dtype=tensor.ggml_type)
         writer.write_header_to_file()

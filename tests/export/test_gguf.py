@@ -11,7 +11,9 @@ import torch
 import qatfx
 from qatfx import reference
 from qatfx.export import ExportError
-from qatfx.export.gguf import gguf, gguf_name, rotary_rows
+from qatfx.export.gguf import gguf
+from qatfx.export.gguf_arch import family_of, rotary_rows, tensor_namer
+from qatfx.export.llama_layout import UnsupportedModel
 from qatfx.export.gguf_blocks import q4_0_bytes, q8_0_bytes
 from qatfx.export.weights import converted_tensors
 from qatfx.recipes.model import CausalLM, LMConfig
@@ -62,10 +64,23 @@ def test_rotary_rows_is_convert_hf_to_gguf_permute():
 
 
 def test_tensor_names_are_llama_cpps():
-    assert gguf_name("model.layers.3.self_attn.q_proj.weight") == "blk.3.attn_q.weight"
-    assert gguf_name("model.layers.0.post_attention_layernorm.weight") == "blk.0.ffn_norm.weight"
-    assert gguf_name("model.embed_tokens.weight") == "token_embd.weight"
-    assert gguf_name("lm_head.weight") == "output.weight"
+    """Names come from gguf-py's table for the family's architecture; what it lacks is refused."""
+    import gguf as gguf_py
+
+    llama = {"model_type": "llama", "num_hidden_layers": 4}
+    name = tensor_namer(gguf_py, llama, family_of(llama))
+    assert name("model.layers.3.self_attn.q_proj.weight") == "blk.3.attn_q.weight"
+    assert name("model.layers.0.post_attention_layernorm.weight") == "blk.0.ffn_norm.weight"
+    assert name("model.embed_tokens.weight") == "token_embd.weight"
+    assert name("lm_head.weight") == "output.weight"
+    qwen3 = {"model_type": "qwen3", "num_hidden_layers": 2}
+    name = tensor_namer(gguf_py, qwen3, family_of(qwen3))
+    assert name("model.layers.1.self_attn.k_norm.weight") == "blk.1.attn_k_norm.weight"
+    assert name("model.layers.0.self_attn.v_proj.bias") == "blk.0.attn_v.bias"
+    with pytest.raises(UnsupportedModel, match="model.layers.2.mlp.up_proj.weight has no tensor"):
+        name("model.layers.2.mlp.up_proj.weight")  # past the config's block count
+    with pytest.raises(UnsupportedModel, match=r"model_type 'bert' has no GGUF export here; supported: llama, mistral, qwen2, qwen3"):
+        family_of({"model_type": "bert"})
 
 
 @pytest.fixture(scope="module")
@@ -170,13 +185,12 @@ def test_models_it_cannot_write_are_refused(tmp_path):
     with pytest.raises(ExportError, match="convert it first"):
         gguf(prepared, tmp_path / "p.gguf", config=LLAMA_STYLE)
     converted = qatfx.convert_pt2e(prepared.eval())
-    with pytest.raises(ExportError, match="pass config="):
-        gguf(converted, tmp_path / "c.gguf")
+    assert converted.config == model.config  # a whole capture keeps it: no config= needed
     biased = LMConfig(vocab_size=96, dim=64, layers=2, hidden=128, o_proj_bias=True)
     with pytest.raises(ExportError, match="o_proj_bias=False"):
         gguf(converted, tmp_path / "b.gguf", config=biased)
     three_layers = LMConfig(vocab_size=96, dim=64, layers=3, heads=4, kv_heads=2, hidden=128, tie_embeddings=True)
-    with pytest.raises(ExportError, match=r"lacks tensors a Llama with this config has: model\.layers\.2\..*is config= this model's"):
+    with pytest.raises(ExportError, match=r"lacks tensors its config \(3 layers\) implies: model\.layers\.2\..*is config= this model's"):
         gguf(converted, tmp_path / "l.gguf", config=three_layers)
     with pytest.raises(ValueError, match="embeddings='q4'"):
         gguf(converted, tmp_path / "e.gguf", config=LLAMA_STYLE, embeddings="q4")
@@ -204,27 +218,21 @@ def byte_level_bpe(directory, text: str, vocab_size: int = 300):
 BPE_TEXT = "It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of foolishness. " * 3
 
 
-def test_a_transformers_tokenizer_is_written(tmp_path):
-    """tokens in id order, BPE merges and special ids, as convert_hf_to_gguf writes them;
-    ids past the tokenizer's (the model has more embeddings) are unused padding."""
+def test_an_unknown_bpe_pretokenizer_is_refused(tmp_path):
+    """A byte-level BPE whose pre-tokenizer llama.cpp does not know (a tokenizer trained here)
+    is refused, as llama.cpp's converter refuses it: written as "default" it would tokenize
+    otherwise in llama.cpp. Real vocabularies: tests/export/test_gguf_reference.py."""
     tokenizer = byte_level_bpe(tmp_path / "tok", BPE_TEXT)
     vocab = len(tokenizer) + 4
     model, _ = _hf_llama(vocab)
     converted = qatfx.convert_pt2e(qatfx.prepare_pt2e(model, FP16_8DA4W, (tokens(2, 8, vocab),), regions="auto").eval())
-    report = gguf(converted, tmp_path / "bpe.gguf", tokenizer_dir=tmp_path / "tok")
-    fields = gguf_package.GGUFReader(str(report.path)).fields
-    assert bytes(fields["tokenizer.ggml.model"].parts[-1]).decode() == "gpt2"
-    pieces = [bytes(fields["tokenizer.ggml.tokens"].parts[i]).decode() for i in fields["tokenizer.ggml.tokens"].data]
-    by_id = {i: t for t, i in tokenizer.get_vocab().items()}
-    assert pieces[: len(tokenizer)] == [by_id[i] for i in range(len(tokenizer))]
-    assert pieces[len(tokenizer):] == [f"[PAD{i}]" for i in range(len(tokenizer), vocab)]
-    assert len(fields["tokenizer.ggml.merges"].data) > 0
-    assert int(fields["tokenizer.ggml.eos_token_id"].parts[-1][0]) == tokenizer.eos_token_id
+    with pytest.raises(ExportError, match=r"(?s)does not know this tokenizer's BPE pre-tokenizer.*tokenizer_dir=None"):
+        gguf(converted, tmp_path / "bpe.gguf", tokenizer_dir=tmp_path / "tok")
     with pytest.raises(ExportError, match="more than the model's 8 embeddings"):
         model, _ = _hf_llama(8)
         small = qatfx.convert_pt2e(qatfx.prepare_pt2e(model, FP16_8DA4W, (tokens(2, 8, 8),), regions="auto").eval())
         gguf(small, tmp_path / "small.gguf", tokenizer_dir=tmp_path / "tok")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bpe.gguf", "tok"]  # nothing half-written
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tok"]  # nothing half-written
 
 
 def _hf_llama(vocab: int):

@@ -1,0 +1,230 @@
+"""What llama.cpp needs to know about each model family, in one place: the GGUF architecture,
+the hyperparameter keys, the tensor names and the layout transforms, following llama.cpp's
+own converter (`convert_hf_to_gguf.py` and its `conversion/` package, llama-cpp-python
+0.3.36), which tests/export/test_gguf_reference.py runs as the reference.
+
+Tensor names come from gguf-py's tables (`gguf.get_tensor_name_map`), not from a table of
+ours; a tensor they do not name is refused. The hyperparameters are read from the model's
+transformers config as the converter reads them (`AutoConfig.to_dict()`, `text_config`
+merged in), so a key the converter writes from config.json is written from the same value.
+
+A family here is a transformers `model_type` the converter writes with a dense decoder
+architecture of llama.cpp; its transforms are the ones that reach quantized weights: Llama's
+q/k row permutation (llama.cpp rotates adjacent pairs, Hugging Face the two halves of each
+head), a row permutation, so codes and scales move unchanged. Gemma's norms (stored as
+1 + w) and Llama 3's `rope_freqs` touch float tensors only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+
+from qatfx.export.llama_layout import UnsupportedModel
+
+
+@dataclass(frozen=True)
+class Family:
+    """How llama.cpp's converter writes one transformers `model_type`."""
+
+    arch: str  # gguf.MODEL_ARCH member
+    permute_qk: bool = False  # LlamaModel.undo_permute: q/k rows to llama.cpp's adjacent rotary pairs
+    llama_converter: bool = False  # written by conversion/llama.py LlamaModel: its extra keys and set_vocab
+
+
+# model_type -> Family; conversion/llama.py registers MistralForCausalLM as LlamaModel, and
+# SmolLM2 is a LlamaForCausalLM.
+FAMILIES = {
+    "llama": Family("LLAMA", permute_qk=True, llama_converter=True),
+    "mistral": Family("LLAMA", permute_qk=True, llama_converter=True),
+    "qwen2": Family("QWEN2"),
+    "qwen3": Family("QWEN3"),
+}
+
+
+def family_of(hparams: dict) -> Family:
+    model_type = hparams.get("model_type", "llama")
+    family = FAMILIES.get(model_type)
+    if family is None:
+        raise UnsupportedModel(
+            f"model_type {model_type!r} has no GGUF export here; supported: {', '.join(sorted(FAMILIES))} "
+            "(export it to compressed-tensors with qatfx.export.hf, or to ExecuTorch)"
+        )
+    return family
+
+
+def hparams_of(config: Any) -> dict:
+    """The converter's view of a config: `to_dict()` with `text_config` merged in. A qatfx
+    recipes LMConfig (the demo's CausalLM) is described as the LlamaConfig it is."""
+    if hasattr(config, "to_dict") and hasattr(config, "model_type"):
+        hparams = config.to_dict()
+        if isinstance(hparams.get("text_config"), dict):
+            hparams = {**hparams, **hparams["text_config"]}
+        return hparams
+    if hasattr(config, "dim") and hasattr(config, "rope_base"):
+        if not config.rope or config.o_proj_bias or config.dropout:
+            raise UnsupportedModel("this CausalLM is not a Llama: it needs rope=True, o_proj_bias=False and dropout=0 to be written as one")
+        return {
+            "model_type": "llama", "vocab_size": config.vocab_size, "hidden_size": config.dim,
+            "intermediate_size": config.hidden, "num_hidden_layers": config.layers,
+            "num_attention_heads": config.heads, "num_key_value_heads": config.n_kv_heads,
+            "rms_norm_eps": float(config.norm_eps), "rope_theta": float(config.rope_base),
+            "max_position_embeddings": config.max_seq, "tie_word_embeddings": bool(config.tie_embeddings),
+        }
+    raise UnsupportedModel(
+        f"cannot read hyperparameters from a {type(config).__name__}; pass config= the model's transformers config "
+        "or a qatfx.recipes.model.LMConfig"
+    )
+
+
+def _find(hparams: dict, keys: tuple) -> Any:
+    return next((hparams[k] for k in keys if k in hparams), None)
+
+
+def rope_parameters(hparams: dict) -> dict:
+    """TextModel.__init__'s rope_parameters: rope_parameters (transformers 5) or rope_scaling,
+    with rope_theta and the scaling type mirrored in."""
+    rope = dict(hparams.get("rope_parameters", hparams.get("rope_scaling")) or {})
+    theta = _find(hparams, ("global_rope_theta", "rope_global_theta", "rope_theta_global", "rope_theta", "rotary_emb_base"))
+    local_theta = _find(hparams, ("local_rope_theta", "rope_local_theta", "rope_theta_local", "swa_rope_theta", "rope_local_base_freq"))
+    if "full_attention" not in rope and "sliding_attention" not in rope:
+        if local_theta is not None:
+            rope["sliding_attention"] = {"rope_theta": local_theta}
+        if "rope_theta" not in rope and theta is not None:
+            rope["rope_theta"] = theta
+        if "rope_type" not in rope and rope.get("type") is not None:
+            rope["rope_type"] = rope["type"]
+        for key in ("partial_rotary_factor", "original_max_position_embeddings"):
+            if key not in rope and hparams.get(key) is not None:
+                rope[key] = hparams[key]
+    return rope
+
+
+def block_count(hparams: dict) -> int:
+    return _find(hparams, ("n_layers", "num_hidden_layers", "n_layer", "num_layers"))
+
+
+def head_dim(hparams: dict) -> int:
+    return hparams.get("head_dim") or hparams["hidden_size"] // hparams["num_attention_heads"]
+
+
+def write_hparams(gguf, writer, hparams: dict, family: Family) -> None:
+    """TextModel.set_gguf_parameters for a dense decoder (+ LlamaModel's keys)."""
+    writer.add_block_count(block_count(hparams))
+    for keys, add in (
+        (("max_position_embeddings", "n_ctx", "n_positions", "max_length", "max_sequence_length", "model_max_length"), writer.add_context_length),
+        (("hidden_size", "n_embd", "dim"), writer.add_embedding_length),
+        (("prefix_dense_intermediate_size", "dense_intermediate_size", "intermediate_size", "n_inner", "hidden_dim"), writer.add_feed_forward_length),
+        (("num_attention_heads", "n_head", "n_heads"), writer.add_head_count),
+        (("num_key_value_heads", "n_kv_heads"), writer.add_head_count_kv),
+    ):
+        value = _find(hparams, keys)
+        if value is not None:
+            add(value)
+    rope = rope_parameters(hparams)
+    params = rope.get("full_attention", rope)
+    rope_type = params.get("rope_type")
+    if rope_type not in (None, "default", "llama3"):  # llama3: rope_freqs (extra_tensors)
+        _write_rope_scaling(gguf, writer, rope_type, params)
+    if params.get("rope_theta") is not None:
+        writer.add_rope_freq_base(params["rope_theta"])
+    if rope.get("sliding_attention", {}).get("rope_theta") is not None:
+        writer.add_rope_freq_base_swa(rope["sliding_attention"]["rope_theta"])
+    if (eps := _find(hparams, ("rms_norm_eps", "norm_eps"))) is not None:
+        writer.add_layer_norm_rms_eps(eps)
+    if (eps := _find(hparams, ("layer_norm_eps", "layer_norm_epsilon", "norm_epsilon"))) is not None:
+        writer.add_layer_norm_eps(eps)
+    if hparams.get("head_dim") is not None:
+        writer.add_key_length(hparams["head_dim"])
+        writer.add_value_length(hparams["head_dim"])
+    if family.llama_converter:
+        writer.add_vocab_size(hparams["vocab_size"])
+        writer.add_rope_dimension_count(head_dim(hparams))
+
+
+def _write_rope_scaling(gguf, writer, rope_type: str, params: dict) -> None:
+    factor = params.get("factor")
+    if rope_type == "linear" and factor is not None:
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(factor)
+    elif rope_type == "yarn" and factor is not None:
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(factor)
+        writer.add_rope_scaling_orig_ctx_len(params["original_max_position_embeddings"])
+        for key, add in (
+            ("extrapolation_factor", writer.add_rope_scaling_yarn_ext_factor),
+            ("beta_fast", writer.add_rope_scaling_yarn_beta_fast),
+            ("beta_slow", writer.add_rope_scaling_yarn_beta_slow),
+        ):
+            if params.get(key) is not None:
+                add(params[key])
+        if (attn := params.get("attention_factor", params.get("attn_factor"))) is not None:
+            writer.add_rope_scaling_yarn_attn_factor(attn)
+    elif rope_type in ("su", "longrope"):
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LONGROPE)
+    else:
+        raise UnsupportedModel(f"RoPE scaling {rope_type!r} has no GGUF form in llama.cpp's converter")
+
+
+def llama3_rope_factors(hparams: dict) -> Optional[torch.Tensor]:
+    """Llama 3.1+'s frequency factors (`rope_freqs.weight`, F32, head_dim / 2 values), computed
+    as LlamaModel.generate_extra_tensors does; None without llama3 scaling."""
+    rope = rope_parameters(hparams)
+    params = rope.get("full_attention", rope)
+    if (params.get("rope_type") or "").lower() != "llama3":
+        return None
+    base = params.get("rope_theta", 10000.0)
+    dim = head_dim(hparams)
+    freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    factor = params.get("factor", 8.0)
+    low, high = params.get("low_freq_factor", 1.0), params.get("high_freq_factor", 4.0)
+    old_context = params.get("original_max_position_embeddings", 8192)
+    low_wavelen, high_wavelen = old_context / low, old_context / high
+    factors = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_wavelen:
+            factors.append(1)
+        elif wavelen > low_wavelen:
+            factors.append(factor)
+        else:
+            smooth = (old_context / wavelen - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return torch.tensor(factors, dtype=torch.float32)
+
+
+def rotary_rows(rows: torch.Tensor, heads: int) -> torch.Tensor:
+    """Reorder q/k rows (weights, their scales' rows, biases) from Hugging Face's rotate-half
+    layout to llama.cpp's adjacent pairs (LlamaModel.permute): a permutation, so codes and
+    scales move unchanged."""
+    n = rows.shape[0]
+    return rows.reshape(heads, 2, n // heads // 2, *rows.shape[1:]).transpose(1, 2).reshape(rows.shape)
+
+
+def row_transform(hf_name: str, hparams: dict, family: Family) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
+    """The row permutation llama.cpp's converter applies to this tensor, or None."""
+    if not family.permute_qk:
+        return None
+    if hf_name.endswith(("q_proj.weight", "q_proj.bias")):
+        heads = hparams["num_attention_heads"]
+    elif hf_name.endswith(("k_proj.weight", "k_proj.bias")):
+        heads = hparams.get("num_key_value_heads") or hparams["num_attention_heads"]
+    else:
+        return None
+    return lambda rows: rotary_rows(rows, heads)
+
+
+def tensor_namer(gguf, hparams: dict, family: Family) -> Callable[[str], str]:
+    """Hugging Face tensor name -> GGUF name, from gguf-py's table for the architecture."""
+    table = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, family.arch), block_count(hparams))
+
+    def name(hf_name: str) -> str:
+        found = table.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if found is None:
+            raise UnsupportedModel(f"{hf_name} has no tensor in llama.cpp's {family.arch.lower()} architecture (gguf-py's name table)")
+        return found
+
+    return name
