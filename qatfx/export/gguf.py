@@ -204,6 +204,7 @@ def _check_complete(by_hf: dict, hparams: dict) -> None:
 
 
 def _write_metadata(gguf, writer, hparams: dict, family: Family, name: str, file_type) -> None:
+    writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(name)
     write_hparams(gguf, writer, hparams, family)
     writer.add_file_type(file_type)
