@@ -5,7 +5,7 @@
     qatfx eval --model OUT|HF_DIR|builtin:charlm --text FILE [--seq-len N]
     qatfx export --format executorch --model DIR --out FILE.pte [--min-agreement X] [--max-relative-error E] [--no-verify]
     qatfx export --format gguf --model DIR --out FILE.gguf [--embeddings q8_0|f16|f32] [--output ...] [--allow-rounding] [--no-verify]
-    qatfx export --format hf --model DIR --out OUT_DIR [--dtype D] [--float-lm-head] [--weight-only] [--no-verify]
+    qatfx export --format hf --model DIR --out OUT_DIR [--dtype D] [--quantize-lm-head] [--weight-only] [--no-verify]
     qatfx verify FILE.pte --model DIR [--min-agreement X] [--max-relative-error E]
 
 Bad arguments (a missing or non-text file, a group size that does not divide the model's
@@ -125,8 +125,8 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--allow-rounding", action="store_true",
                        help="gguf: write layers whose trained grid GGUF cannot hold (rounded), reporting how many weights moved")
     export.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="hf: the checkpoint's dtype (default: the model's)")
-    export.add_argument("--float-lm-head", action="store_true",
-                        help="hf: write a quantized lm_head as its dequantized grid in float (vLLM releases without a quantized lm_head)")
+    export.add_argument("--quantize-lm-head", action="store_true",
+                        help="hf: pack a quantized lm_head as int4 (default: its dequantized grid in float, which every vLLM loads)")
     export.add_argument("--weight-only", action="store_true", help="hf: refuse a model with quantized activations (8da4w) instead of writing it as W4A16")
     _add_thresholds(export)
 
@@ -257,7 +257,7 @@ def _export_hf(model, args: argparse.Namespace):
     context = export_context(args.model)
     return hf(
         model, args.out, config=context.config, tokenizer_dir=context.tokenizer_dir,
-        dtype=getattr(torch, args.dtype) if args.dtype else None, float_lm_head=args.float_lm_head,
+        dtype=getattr(torch, args.dtype) if args.dtype else None, quantize_lm_head=args.quantize_lm_head,
         allow_activation_drop=not args.weight_only, verify=not args.no_verify,
         min_next_token_agreement=args.min_agreement, max_relative_error=args.max_relative_error,
     )

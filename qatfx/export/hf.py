@@ -120,7 +120,7 @@ def hf(
     config: Any = None,
     tokenizer_dir: Union[str, os.PathLike, None] = None,
     dtype: Optional[torch.dtype] = None,
-    float_lm_head: bool = False,
+    quantize_lm_head: bool = False,
     allow_activation_drop: bool = True,
     verify: bool = True,
     verify_inputs: Optional[Sequence] = None,
@@ -136,8 +136,9 @@ def hf(
     tokenizer_dir: a directory whose tokenizer files are copied beside the weights.
     dtype: the checkpoint dtype (float tensors and scales); default the model's weight dtype.
         A scale it would round is refused (the file would hold another grid).
-    float_lm_head: write a quantized lm_head as float (its dequantized int4 grid, exact) for a
-        runtime that cannot load a packed lm_head (vLLM before ParallelLMHead quantization).
+    quantize_lm_head: pack a quantized lm_head as int4 too. By default it is written in float
+        as its dequantized int4 grid (the same values, exactly) and listed in `ignore`: vLLM
+        before 0.20 (ParallelLMHead quantization, vllm PR #37291) cannot load a packed lm_head.
     allow_activation_drop: False refuses a model with quantized activations (8da4w), which the
         format cannot express, instead of writing it as W4A16 and reporting the difference.
     verify: check the written files bit for bit and the logits in transformers (`verify_hf`,
@@ -152,7 +153,7 @@ def hf(
     ct = _compressed_tensors()
     target = Path(out_dir)
     _check_out_dir(target)
-    layout = _layout(module, config, dtype, float_lm_head)
+    layout = _layout(module, config, dtype, quantize_lm_head)
     if layout.activation_layers and not allow_activation_drop:
         raise ExportError(
             f"{len(layout.activation_layers)} linears quantize their activations (int8, 8da4w: e.g. "
@@ -220,7 +221,12 @@ def _check_out_dir(target: Path) -> None:
 
 
 def _quantization_config(layout: _Layout, ct) -> dict:
-    compressed_tensors, _, QuantizationArgs, QuantizationConfig, QuantizationScheme = ct
+    """config.json's quantization_config with only the fields that differ from
+    compressed-tensors' defaults: vLLM validates each group's `weights` with the
+    compressed-tensors version it pins, whose models forbid unknown fields (0.11 lacks
+    `scale_dtype` / `zp_dtype`), and reads nothing else we could leave out (docs/export_hf.md
+    lists the rules, with vLLM's source lines)."""
+    _, _, QuantizationArgs, QuantizationConfig, QuantizationScheme = ct
     if layout.group_size is None:
         weights = QuantizationArgs(num_bits=BITS, type="int", symmetric=True, strategy="channel", dynamic=False)
     else:
@@ -232,14 +238,7 @@ def _quantization_config(layout: _Layout, ct) -> dict:
     config = QuantizationConfig(
         config_groups={"group_0": scheme}, format=FORMAT, quantization_status="compressed", ignore=sorted(layout.ignore),
     )
-    # the structure compressed-tensors' ModelCompressor.update_config writes
-    return {
-        "version": compressed_tensors.__version__,
-        "quant_method": QUANT_METHOD,
-        "sparsity_config": {},
-        "transform_config": {},
-        **config.model_dump(exclude={"quant_method"}),
-    }
+    return {"quant_method": QUANT_METHOD, **config.model_dump(exclude_defaults=True, exclude={"quant_method"})}
 
 
 def _write(layout: _Layout, target: Path, ct, module: torch.nn.Module, tokenizer_dir) -> list:

@@ -82,12 +82,13 @@ def _quantized_by_hf_name(module: torch.nn.Module) -> dict:
     return found
 
 
-def _layout(module: torch.nn.Module, config: Any, dtype: Optional[torch.dtype], float_lm_head: bool) -> _Layout:
+def _layout(module: torch.nn.Module, config: Any, dtype: Optional[torch.dtype], quantize_lm_head: bool) -> _Layout:
     try:
         cfg = config_of(module, config)
         hp = llama_hparams(cfg)
     except UnsupportedModel as exc:
-        raise ExportError(f"{exc}; qatfx.export.hf writes Llama-architecture models") from exc
+        raise ExportError(f"{exc}; qatfx.export.hf writes transformers causal LMs and the demo's Llama") from exc
+    own_config = _is_transformers_config(cfg)
     tensors = converted_tensors(module)
     layers = summary(module).layers
     # quantized layers convert stored in a format converted_tensors does not read (asymmetric
@@ -98,7 +99,7 @@ def _layout(module: torch.nn.Module, config: Any, dtype: Optional[torch.dtype], 
     try:
         names = hf_name_map([*tensors.quantized, *floats_in, *report_names])
     except UnsupportedModel as exc:
-        raise ExportError(f"{exc}; qatfx.export.hf writes Llama-architecture models") from exc
+        raise ExportError(f"{exc}; qatfx.export.hf writes transformers causal LMs and the demo's Llama") from exc
     specs = {names[r.layer + ".weight"]: r.weight_spec for r in layers if r.quantized}
     skipped = {names[r.layer + ".weight"].removesuffix(".weight"): r.skip_reason for r in layers if not r.quantized}
     activation_layers = [r.layer for r in layers if r.quantized and r.input_spec is not None]
@@ -120,10 +121,13 @@ def _layout(module: torch.nn.Module, config: Any, dtype: Optional[torch.dtype], 
             problems.append(problem)
         elif target == "model.embed_tokens.weight":  # any grid: written as the values the lookups return
             floats[target] = qw.dequantized(model_dtype)
-        elif target == "lm_head.weight" and float_lm_head:
+        elif target == "lm_head.weight" and not quantize_lm_head:
             floats[target] = qw.dequantized(model_dtype)
-            ignore["lm_head"] = "float_lm_head=True: written as its dequantized int4 grid in float (the same values)"
-        elif target.endswith("_proj.weight") or target == "lm_head.weight":
+            ignore["lm_head"] = (
+                "written as its dequantized int4 grid in float (the same values): vLLM before 0.20 cannot load a packed "
+                "lm_head; quantize_lm_head=True packs it"
+            )
+        elif target.endswith(".weight") and (own_config or target.endswith("_proj.weight") or target == "lm_head.weight"):
             packed[target.removesuffix(".weight")] = qw
         else:
             problems.append(f"{target}: a quantized tensor with no place in a Llama checkpoint")
@@ -155,12 +159,15 @@ def _layout(module: torch.nn.Module, config: Any, dtype: Optional[torch.dtype], 
     group_size = _group_size(packed)
     _check_scales(packed, model_dtype)
     tied = _tie(hp, packed, floats, differences)
-    for module_name in _linear_modules(hp):
+    linears = [names[r.layer + ".weight"].removesuffix(".weight") for r in layers if r.op != "embedding"]
+    for module_name in linears if own_config else _linear_modules(hp):
         if module_name not in packed:
             ignore.setdefault(module_name, skipped.get(module_name) or (
                 "tied to the float embedding (the same tensor)" if module_name == "lm_head" and tied else "not quantized by convert"
             ))
-    _check_complete(hp, tied, packed, floats)
+    _check_fused_groups(packed, ignore)
+    if not own_config:  # a config rebuilt from a recipes LMConfig: the tensors must make its Llama
+        _check_complete(hp, tied, packed, floats)
     rounded = [n for n, t in floats.items() if t.is_floating_point() and not _exact_in(t, model_dtype)]
     if rounded:
         differences.append(
@@ -183,6 +190,41 @@ def _layout(module: torch.nn.Module, config: Any, dtype: Optional[torch.dtype], 
             )
     hf_config = _hf_config(cfg, hp, tied, model_dtype)
     return _Layout(hf_config, hp, model_dtype, group_size, packed, floats, ignore, tied, activation_layers, differences)
+
+
+def _is_transformers_config(config: Any) -> bool:
+    try:
+        import transformers
+    except ImportError:
+        return False
+    return isinstance(config, transformers.PretrainedConfig)
+
+
+# vLLM loads q/k/v as one qkv_proj and gate/up as one gate_up_proj (its models'
+# packed_modules_mapping) and refuses shards of one fused layer with different schemes
+# (vllm/model_executor/layers/quantization/compressed_tensors/utils.py, should_ignore_layer)
+FUSED_GROUPS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def _check_fused_groups(packed: dict, ignore: dict) -> None:
+    """Members of one vLLM fused layer are all packed (int4) or all float, before any file is
+    written; transformers would load a mixed group, vLLM refuses it."""
+    problems = []
+    for parent in sorted({m.rpartition(".")[0] for m in (*packed, *ignore)}):
+        for fused, members in FUSED_GROUPS.items():
+            quantized = [m for m in members if f"{parent}.{m}" in packed]
+            floating = [m for m in members if f"{parent}.{m}" in ignore]
+            if quantized and floating:
+                reason = ignore[f"{parent}.{floating[0]}"]
+                problems.append(f"{parent}.{fused}: {', '.join(quantized)} int4 but {', '.join(floating)} float ({reason})")
+    if problems:
+        raise ExportError(
+            f"vLLM fuses q/k/v_proj into qkv_proj and gate/up_proj into gate_up_proj and requires one scheme per fused "
+            f"layer, but {len(problems)} fused layer(s) mix int4 and float members:\n"
+            + "\n".join(f"  {p}" for p in problems[:6]) + ("\n  ..." if len(problems) > 6 else "")
+            + "\nQuantize every member (remove the one skipped from skip=) or skip them all, e.g. "
+            "skip=['*.k_proj', '*.q_proj', '*.v_proj'], then prepare and train again"
+        )
 
 
 def _unsupported(target: str, qw: QuantizedWeight, spec) -> Optional[str]:

@@ -65,7 +65,7 @@ class HfVerifyReport:
     path: Path
     weights: int  # packed weights unpacked to convert's codes and scales, bit for bit
     decompressed: int  # of those, transformers' decompressed weight == convert's dequantized weight, bit for bit
-    float_grids: int  # quantized tables written in float (embedding, float_lm_head) == their dequantized grid
+    float_grids: int  # quantized tables written in float (embedding, a float lm_head) == their dequantized grid
     logits: VerifyReport  # the checkpoint in transformers vs `reference`
     reference: str  # what the logits were compared with
     activation_drop: Optional[VerifyReport] = None  # 8da4w: the checkpoint vs the converted model itself (reported)
@@ -122,7 +122,7 @@ def verify_hf(
     _check_quantization_config(config.get("quantization_config"), path)
     file = load_file(str(path / WEIGHTS_FILE))
     quantized = _quantized_by_hf_name(module)
-    weights, float_grids = _check_file(path, file, quantized, unpack_from_int32)
+    weights, float_grids = _check_file(path, file, quantized, unpack_from_int32, tied=bool(config.get("tie_word_embeddings")))
 
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=_checkpoint_dtype(config, file)).eval()
@@ -242,8 +242,10 @@ def _checkpoint_dtype(config: dict, file: dict) -> torch.dtype:
     return next((t.dtype for t in file.values() if t.is_floating_point()), torch.float32)
 
 
-def _check_file(path: Path, file: dict, quantized: dict, unpack_from_int32) -> tuple[int, int]:
-    """(packed weights checked, float tables checked); raises VerificationError on a mismatch."""
+def _check_file(path: Path, file: dict, quantized: dict, unpack_from_int32, tied: bool = False) -> tuple[int, int]:
+    """(packed weights checked, float tables checked); raises VerificationError on a mismatch.
+    tied: the checkpoint ties lm_head to the embedding, so a quantized head written in float
+    is the embedding's table."""
     problems, packed, tables = [], 0, 0
     for name, qw in quantized.items():
         module = name.removesuffix(".weight")
@@ -256,7 +258,8 @@ def _check_file(path: Path, file: dict, quantized: dict, unpack_from_int32) -> t
             elif scale.shape != qw.scales.shape or not torch.equal(scale.double(), qw.scales.double()):
                 problems.append(f"{module}: weight_scale differs from convert's scales")
             packed += 1
-        elif name in file:
+        elif name in file or tied and name == "lm_head.weight" and "model.embed_tokens.weight" in file:
+            name = name if name in file else "model.embed_tokens.weight"
             if not torch.equal(file[name], qw.dequantized(file[name].dtype)):
                 problems.append(f"{name}: the float table differs from convert's dequantized int4 grid")
             tables += 1

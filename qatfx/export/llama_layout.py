@@ -26,7 +26,7 @@ _CAUSAL_LM_NAMES = (
     (r"^lm_head\.weight$", "lm_head.weight"),
 )
 # computed buffers a file does not carry (the loader recomputes them from the hyperparameters)
-_DERIVED = re.compile(r"(^|\.)(rope_cos|rope_sin|inv_freq|original_inv_freq)$")
+_DERIVED = re.compile(r"(^|\.)(rope_cos|rope_sin|\w*inv_freq)$")
 
 
 @dataclass(frozen=True)
@@ -52,14 +52,16 @@ class UnsupportedModel(ValueError):
 
 
 def llama_hparams(config: Any) -> LlamaHParams:
-    """From a transformers LlamaConfig (or any config with its fields) or a recipes LMConfig."""
+    """From a transformers decoder config (Llama, Qwen2/3, Mistral, Phi-3, Gemma: the fields
+    every one of them has; a multimodal config's text_config) or a recipes LMConfig."""
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config()
     if hasattr(config, "num_hidden_layers"):
-        _check_hf_config(config)
         return LlamaHParams(
             vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
             num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
             num_key_value_heads=config.num_key_value_heads or config.num_attention_heads,
-            rms_norm_eps=float(config.rms_norm_eps), rope_theta=float(_rope_theta(config)),
+            rms_norm_eps=float(getattr(config, "rms_norm_eps", 0.0)), rope_theta=float(_rope_theta(config)),
             max_position_embeddings=config.max_position_embeddings,
             tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
         )
@@ -75,8 +77,8 @@ def llama_hparams(config: Any) -> LlamaHParams:
             max_position_embeddings=config.max_seq, tie_word_embeddings=bool(config.tie_embeddings),
         )
     raise UnsupportedModel(
-        f"cannot read Llama hyperparameters from a {type(config).__name__}; pass config= a transformers "
-        "LlamaConfig or a qatfx.recipes.model.LMConfig"
+        f"cannot read decoder hyperparameters from a {type(config).__name__}; pass config= the model's transformers "
+        "config or a qatfx.recipes.model.LMConfig"
     )
 
 
@@ -85,18 +87,6 @@ def _rope_theta(config: Any) -> float:
     if theta is None:  # transformers >= 5 keeps it in rope_parameters
         theta = (getattr(config, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
     return theta
-
-
-def _check_hf_config(config: Any) -> None:
-    model_type = getattr(config, "model_type", "llama")
-    if model_type != "llama":
-        raise UnsupportedModel(f"model_type {model_type!r} is not supported; these exports write Llama-architecture models")
-    scaling = getattr(config, "rope_scaling", None) or {}
-    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-    if rope_type not in (None, "default"):
-        raise UnsupportedModel(f"rope scaling {rope_type!r} is not supported by this export; only default RoPE")
-    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
-        raise UnsupportedModel("biased attention / MLP projections are not supported by this export")
 
 
 def config_of(converted: torch.nn.Module, config: Optional[Any]) -> Any:

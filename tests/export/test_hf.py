@@ -18,6 +18,7 @@ from qatfx.export.weights import converted_tensors
 from qatfx.recipes.model import CausalLM, LMConfig
 from qatfx.spec import PerChannel, PerGroup, QuantSpec, int4_per_group_weight
 from tests.export.training import qat_steps
+from tests.export.vllm_rules import vllm_rule_violations
 from tests.model_zoo import BY_NAME
 from tests.models import TinyLM, tokens
 
@@ -57,11 +58,11 @@ def _tokenizer_dir(path):
 @pytest.fixture(scope="module")
 def tied_llama(tmp_path_factory):
     """qatfx's Llama (RoPE, RMSNorm, SwiGLU) with tied embeddings, weight-only int4 g32 with
-    bfloat16 scales, two QAT steps, converted (a whole-model capture: config passed)."""
+    bfloat16 scales, two QAT steps, converted (a whole-model capture), lm_head packed too."""
     torch.manual_seed(0)
     converted = _converted(CausalLM(CONFIG), weight_only())
     tokenizer = _tokenizer_dir(tmp_path_factory.mktemp("tokenizer"))
-    report = hf(converted, tmp_path_factory.mktemp("hf") / "toy", config=CONFIG, tokenizer_dir=tokenizer)
+    report = hf(converted, tmp_path_factory.mktemp("hf") / "toy", config=CONFIG, tokenizer_dir=tokenizer, quantize_lm_head=True)
     return converted, report
 
 
@@ -127,20 +128,48 @@ def test_weight_packed_unpacks_to_converts_codes_bit_for_bit(tied_llama):
 
 
 def test_config_json_has_what_vllms_compressed_tensors_loader_reads(tied_llama):
+    """Only the fields that differ from compressed-tensors' defaults (an older compressed-tensors,
+    as a vLLM release pins, forbids fields it does not know), parsed back to the intended
+    scheme; the packed lm_head (quantize_lm_head=True) is the one rule older vLLMs break."""
     _, report = tied_llama
     config = json.loads((report.path / "config.json").read_text())
     assert config["model_type"] == "llama" and config["architectures"] == ["LlamaForCausalLM"]
     assert config["dtype"] == "float32" and config["vocab_size"] == VOCAB and config["head_dim"] == 16
     q = config["quantization_config"]
-    assert q["quant_method"] == "compressed-tensors" and q["format"] == "pack-quantized"
-    assert q["quantization_status"] == "compressed" and q["ignore"] == []
-    (group,) = q["config_groups"].values()
-    assert set(group["targets"]) == {"Linear", "lm_head"}  # vLLM matches its ParallelLMHead by name
-    assert group["input_activations"] is None and group["format"] == "pack-quantized"
-    weights = group["weights"]
-    assert (weights["num_bits"], weights["type"], weights["symmetric"]) == (4, "int", True)
-    assert (weights["strategy"], weights["group_size"], weights["dynamic"]) == ("group", GROUP, False)
-    QuantizationConfig.model_validate(q)  # what vLLM and transformers parse it with
+    assert q == {
+        "quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
+        "config_groups": {"group_0": {
+            "targets": ["lm_head", "Linear"], "format": "pack-quantized",
+            "weights": {"num_bits": 4, "strategy": "group", "group_size": GROUP},
+        }},
+    }
+    (group,) = QuantizationConfig.model_validate(q).config_groups.values()  # what vLLM and transformers parse it with
+    weights = group.weights
+    assert (weights.num_bits, weights.type, weights.symmetric, weights.dynamic) == (4, "int", True, False)
+    assert (weights.strategy, weights.group_size, group.input_activations) == ("group", GROUP, None)
+    linears = [f"model.layers.{i}.{p}" for i in range(2) for p in (*(f"self_attn.{x}_proj" for x in "qkvo"), "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+    assert vllm_rule_violations(config, linears + ["lm_head"]) == [
+        "group_0: targets lm_head, which vLLM before 0.20 cannot load packed"
+    ]
+
+
+def test_the_default_checkpoint_breaks_no_vllm_rule(hf_llama):
+    """By default a quantized lm_head is written as its dequantized grid in float and ignored."""
+    converted, _, report = hf_llama
+    config = json.loads((report.path / "config.json").read_text())
+    linears = [r.layer for r in qatfx.summary(converted).layers if r.op != "embedding"]
+    assert vllm_rule_violations(config, linears) == []
+    assert config["quantization_config"]["ignore"] == ["lm_head"] and report.quantized_layers == 14
+    assert report.verification.float_grids == 1 and report.verification.logits.passed
+
+
+def test_a_fused_group_with_mixed_schemes_is_refused_before_writing(tmp_path):
+    """k_proj skipped, q/v int4: transformers would load it, vLLM refuses one qkv_proj with two
+    schemes; the export refuses first, naming the group and the fix."""
+    converted = _converted(CausalLM(CONFIG), weight_only(skip=["*.k_proj"]), steps=1)
+    with pytest.raises(ExportError, match=r"(?s)model\.layers\.0\.self_attn\.qkv_proj: q_proj, v_proj int4 but k_proj float.*skip them all"):
+        hf(converted, tmp_path / "mixed", config=CONFIG)
+    assert not (tmp_path / "mixed").exists()
 
 
 def test_tokenizer_files_are_copied_and_load(tied_llama):
@@ -153,14 +182,57 @@ def test_tokenizer_files_are_copied_and_load(tied_llama):
 def test_hf_llama_exports_with_its_own_config(hf_llama):
     converted, vocab, report = hf_llama
     config = json.loads((report.path / "config.json").read_text())
-    assert config["num_key_value_heads"] == 2 and config["quantization_config"]["ignore"] == []
+    assert config["num_key_value_heads"] == 2 and config["quantization_config"]["ignore"] == ["lm_head"]
     assert "generation_config.json" in report.files and report.differences == []
-    assert report.verification.weights == 15 and report.verification.logits.passed
+    assert report.verification.weights == 14 and report.verification.logits.passed
     model = transformers.AutoModelForCausalLM.from_pretrained(str(report.path)).eval()
     ids = tokens(2, 8, vocab, 5)
     with torch.no_grad():
         got, expected = model(input_ids=ids).logits, converted(ids).logits
     assert relative_error(got, expected) <= float_error_bound(llama_hparams(converted.config), torch.float32, 8)
+
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+HF_FAMILIES = {
+    # name: (config class, model class, config overrides, in the default run)
+    "llama3_2": ("LlamaConfig", "LlamaForCausalLM", dict(tie_word_embeddings=True, rope_scaling=LLAMA3_ROPE, rope_theta=500000.0), True),
+    "qwen2_5": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=True), True),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {}, False),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(tie_word_embeddings=True, sliding_window=4), False),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {}, True),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {}, False),
+}
+
+
+@pytest.mark.parametrize(
+    "family", [pytest.param(name, marks=() if default else pytest.mark.long) for name, (*_, default) in HF_FAMILIES.items()]
+)
+def test_a_family_is_written_in_its_own_layout_and_config(family, tmp_path):
+    """The model's own save_pretrained layout and config (RoPE scaling, biases, norms, head_dim,
+    fused Phi-3 projections kept as they are), only the quantized linears packed; transformers
+    loads it and computes the converted model's logits (weight-only: the float bound)."""
+    from tests.model_zoo import _hf
+
+    config_class, model_class, overrides, _ = HF_FAMILIES[family]
+    model, vocab = _hf(config_class, model_class, use_cache=True, **overrides)()
+    float_state = set(model.state_dict())
+    converted = _converted(model, qatfx.Int4WeightOnlyQuantizer(GROUP, scales_precision=torch.bfloat16), vocab, steps=1, regions="auto")
+    report = hf(converted, tmp_path / family)
+    written = json.loads((report.path / "config.json").read_text())
+    original = model.config.to_dict()
+    for key in ("model_type", "head_dim", "rope_scaling", "rope_parameters", "attention_bias", "sliding_window"):
+        assert written.get(key) == original.get(key), key
+    names = set(load_file(str(report.path / "model.safetensors")))
+    packed = {n.removesuffix(".weight_packed") for n in names if n.endswith(".weight_packed")}
+    assert len(packed) == report.quantized_layers == len(qatfx.summary(converted).quantized) - 1  # lm_head in float
+    # every tensor of the model's own state dict under its own name (a tied head once, as the embedding)
+    untied = float_state | {"lm_head.weight"}
+    assert {n for n in names if not n.endswith(("_packed", "_scale", "_shape"))} | {p + ".weight" for p in packed} == (
+        untied - {"lm_head.weight"} if written["tie_word_embeddings"] else untied
+    )
+    linears = [r.layer for r in qatfx.summary(converted).layers if r.op != "embedding"]
+    assert vllm_rule_violations(written, linears) == []
+    assert report.verification.logits.passed and report.verification.weights == report.quantized_layers
 
 
 def test_8da4w_exports_as_w4a16_with_the_activation_drop_measured(tmp_path):
@@ -187,8 +259,8 @@ def test_per_channel_int4_is_written_with_the_channel_strategy(tmp_path):
     )
     report = hf(converted, tmp_path / "channel", config=CONFIG)
     (group,) = json.loads((report.path / "config.json").read_text())["quantization_config"]["config_groups"].values()
-    assert group["weights"]["strategy"] == "channel" and group["weights"]["group_size"] is None
-    assert report.group_size is None and report.verification.weights == 15 and report.verification.logits.passed
+    assert group["weights"] == {"num_bits": 4, "strategy": "channel"}  # group_size None: the default, left out
+    assert report.group_size is None and report.verification.weights == 14 and report.verification.logits.passed
 
 
 def test_a_saved_finetune_style_model_exports_with_the_checkpoints_config(tmp_path):
@@ -200,28 +272,22 @@ def test_a_saved_finetune_style_model_exports_with_the_checkpoints_config(tmp_pa
     converted = qatfx.convert_pt2e(qatfx.prepare_pt2e(LogitsOnly(model), weight_only(), (tokens(2, 8, vocab, 0),)).eval())
     qatfx.save(converted, tmp_path / "saved")
     report = hf(qatfx.load(tmp_path / "saved"), tmp_path / "hf", config=model.config)
-    assert report.quantized_layers == 15 and report.verification.logits.passed
+    assert report.quantized_layers == 14 and report.verification.logits.passed  # lm_head written in float
 
 
 def test_an_int4_embedding_tied_to_the_head_is_written_as_its_grid(tmp_path):
     """One int4 table read by the lookup and by lm_head: convert stores it once, under the
-    linear; the file packs lm_head and writes the embedding as the same grid in float."""
+    linear. By default the file holds it once, as its grid in float, tied; with
+    quantize_lm_head=True it packs lm_head and writes the embedding as the same grid in float."""
     from qatfx.spec import int4_per_group_embedding
 
     quantizer = qatfx.Int4WeightOnlyQuantizer(GROUP, scales_precision=torch.bfloat16,
                                               embedding_spec=int4_per_group_embedding(GROUP, torch.bfloat16))
     converted = qatfx.convert_pt2e(qatfx.prepare_pt2e(CausalLM(CONFIG).eval(), quantizer, (tokens(),)).eval())
     report = hf(converted, tmp_path / "embedding", config=CONFIG)
+    assert report.tied and report.quantized_layers == 14 and report.verification.logits.passed
+    report = hf(converted, tmp_path / "packed_head", config=CONFIG, quantize_lm_head=True)
     assert not report.tied and any(d.startswith("embedding: quantized in training (int4/group32/sym)") for d in report.differences)
-    assert report.verification.float_grids == 1 and report.verification.logits.passed
-
-
-def test_a_float_lm_head_is_ignored_and_written_as_its_grid(tied_llama, tmp_path):
-    converted, _ = tied_llama
-    report = hf(converted, tmp_path / "float_head", config=CONFIG, float_lm_head=True)
-    assert report.quantized_layers == 14 and "lm_head" in report.ignored
-    config = json.loads((report.path / "config.json").read_text())
-    assert config["quantization_config"]["ignore"] == ["lm_head"]
     assert report.verification.float_grids == 1 and report.verification.logits.passed
 
 
@@ -282,9 +348,9 @@ def test_refuses_a_model_that_is_not_converted(tmp_path):
 def test_refuses_a_model_that_is_not_a_llama(tmp_path):
     converted = qatfx.convert_pt2e(qatfx.prepare_pt2e(TinyLM(), weight_only(), (tokens(),)).eval())
     with pytest.raises(ExportError, match="not a Llama: it needs rope=True"):
-        hf(converted, tmp_path / "unused", config=TinyLM().config)
-    with pytest.raises(ExportError, match="pass config="):  # a whole-model capture carries no config
-        hf(converted, tmp_path / "unused")
+        hf(converted, tmp_path / "unused")  # the config a whole capture keeps
+    with pytest.raises(ExportError, match="cannot read decoder hyperparameters from a dict"):
+        hf(converted, tmp_path / "unused", config={"layers": 2})
 
 
 def test_missing_compressed_tensors_names_the_extra(monkeypatch, tied_llama, tmp_path):
