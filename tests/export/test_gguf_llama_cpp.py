@@ -108,3 +108,39 @@ def test_llama_cpp_quantizer_model_in_llama_cpp(tmp_path):
     # later positions of that prompt (measured: one flip, 3 positions, relative 7.9e-4).
     assert per_position.median().item() < 1e-6, per_position
     assert relative < 3e-3 and agreement == 1.0, (relative, agreement)
+
+
+TOKENIZER_FAMILIES = {
+    # llama.cpp vocabulary: (config class, model class) of a family that ships it
+    "llama-bpe": ("LlamaConfig", "LlamaForCausalLM"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "gpt-2": ("LlamaConfig", "LlamaForCausalLM"),
+    "llama-spm": ("MistralConfig", "MistralForCausalLM"),
+}
+
+
+@pytest.mark.parametrize("vocab_name", list(TOKENIZER_FAMILIES))
+def test_llama_cpp_tokenizes_like_its_own_tests_from_a_qatfx_file(vocab_name, tmp_path):
+    """llama.cpp loads the tokenizer qatfx wrote (from a transformers tokenizer rebuilt from
+    llama.cpp's vocab file) and tokenizes the vocabulary's test strings to the ids llama.cpp's
+    own tokenizer tests expect (test-tokenizer-0: no BOS, special tokens not parsed)."""
+    from tests.llama_cpp_sources import llama_cpp_source_or_skip
+    from tests.model_zoo import _hf
+    from tests.models import tokens
+    from tests.vocab_tokenizers import read_vocab, test_cases, tokenizer_dir
+
+    source = llama_cpp_source_or_skip()
+    vocab = read_vocab(vocab_name, source)
+    config_class, model_class = TOKENIZER_FAMILIES[vocab_name]
+    model, _ = _hf(config_class, model_class, vocab_size=len(vocab.tokens), num_hidden_layers=1,
+                   bos_token_id=vocab.bos_id, eos_token_id=vocab.eos_id, pad_token_id=vocab.pad_id)()
+    quantizer = qatfx.Int8DynActInt4WeightQuantizer(32, scales_precision=torch.bfloat16)
+    converted = qatfx.convert_pt2e(qatfx.prepare_pt2e(model, quantizer, (tokens(2, 8, len(vocab.tokens), 0),), regions="auto").eval())
+    path = gguf(converted, tmp_path / "m.gguf", tokenizer_dir=tokenizer_dir(vocab_name, tmp_path / "tok", source), verify=False).path
+    llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    try:
+        wrong = [(text, ids, llm.tokenize(text.encode("utf-8"), add_bos=False, special=False))
+                 for text, ids in test_cases(vocab_name, source)]
+    finally:
+        llm.close()
+    assert [w for w in wrong if w[1] != w[2]] == []

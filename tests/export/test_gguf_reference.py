@@ -79,3 +79,14 @@ def test_families_llama_cpps_converter_writes_otherwise_are_refused(tmp_path):
     with pytest.raises(ExportError, match=r"model_type 'phi3' has no GGUF export here; supported: llama, mistral, qwen2, qwen3.*qatfx\.export\.hf"):
         qatfx.export.gguf(converted, tmp_path / "phi3.gguf")
     assert not list(tmp_path.iterdir())
+
+
+def test_the_shipped_pretokenizer_table_is_the_converters(llama_cpp):
+    """qatfx names a BPE pre-tokenizer from a table read off llama.cpp's converter; it must be
+    the converter's, check text and hashes (regenerate: tests/export/pretokenizer_table.py)."""
+    from qatfx.export.gguf_vocab import pretokenizer_table
+    from tests.export.pretokenizer_table import read_table
+
+    shipped, converter = pretokenizer_table(), read_table(llama_cpp)
+    assert shipped["chktxt"] == converter["chktxt"] and shipped["hashes"] == converter["hashes"]
+    assert {"llama-bpe", "qwen2", "gpt-2", "smollm"} <= set(shipped["hashes"].values())
