@@ -1,5 +1,5 @@
-"""qatfx.export.gguf: a converted model (Llama 2/3.x, SmolLM, Mistral, Qwen2/2.5, Qwen3 from
-transformers, or the demo's CausalLM) -> a GGUF file llama.cpp loads, every int4 linear in
+"""qatfx.export.gguf: a converted model (Llama 2/3.x, SmolLM, Mistral, Qwen2/2.5, Qwen3, Phi-3
+from transformers, or the demo's CausalLM) -> a GGUF file llama.cpp loads, every int4 linear in
 Q4_0 holding the trained codes and scales (docs/export_gguf.md). The metadata, tensor names,
 layout transforms and tokenizer are written as llama.cpp's own converter writes them
 (gguf_arch.py, gguf_vocab.py).
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from qatfx import reference
-from qatfx.export.gguf_arch import Family, block_count, family_of, hparams_of, llama3_rope_factors, row_transform, tensor_namer, write_hparams
+from qatfx.export.gguf_arch import Family, block_count, extra_tensors, family_of, hparams_of, row_transform, tensor_namer, write_hparams
 from qatfx.export.gguf_blocks import BLOCK, block_problem, fp16_problem, q4_0_bytes, q8_0_bytes
 from qatfx.export.gguf_vocab import write_tokenizer
 from qatfx.export.llama_layout import UnsupportedModel, config_of, hf_names
@@ -182,9 +182,8 @@ def _collect(gguf, converted, hparams: dict, family: Family, embeddings: str, ou
             "(CLI: --allow-rounding) to write them rounded and report how many weights moved; `qatfx finetune "
             "--scales-precision bfloat16` trains an exact grid"
         )
-    factors = llama3_rope_factors(hparams)
-    if factors is not None:  # Llama 3.1+: llama.cpp reads the scaled frequencies from this tensor
-        out[gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"] = _float_tensor(gguf, factors, "f32")
+    for name, values in extra_tensors(gguf, hparams, family).items():  # rope_freqs, longrope factors
+        out[name] = _float_tensor(gguf, values, "f32")
     return out, rounded, quantized
 
 

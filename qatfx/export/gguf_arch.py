@@ -33,6 +33,7 @@ class Family:
     arch: str  # gguf.MODEL_ARCH member
     permute_qk: bool = False  # LlamaModel.undo_permute: q/k rows to llama.cpp's adjacent rotary pairs
     llama_converter: bool = False  # written by conversion/llama.py LlamaModel: its extra keys and set_vocab
+    phi3_converter: bool = False  # conversion/phi.py Phi3MiniModel: its own keys, vocabulary and longrope factors
 
 
 # model_type -> Family; conversion/llama.py registers MistralForCausalLM as LlamaModel, and
@@ -42,6 +43,7 @@ FAMILIES = {
     "mistral": Family("LLAMA", permute_qk=True, llama_converter=True),
     "qwen2": Family("QWEN2"),
     "qwen3": Family("QWEN3"),
+    "phi3": Family("PHI3", phi3_converter=True),
 }
 
 
@@ -112,7 +114,10 @@ def head_dim(hparams: dict) -> int:
 
 
 def write_hparams(gguf, writer, hparams: dict, family: Family) -> None:
-    """TextModel.set_gguf_parameters for a dense decoder (+ LlamaModel's keys)."""
+    """TextModel.set_gguf_parameters for a dense decoder (+ LlamaModel's keys), or Phi-3's own."""
+    if family.phi3_converter:
+        _write_phi3_hparams(writer, hparams)
+        return
     writer.add_block_count(block_count(hparams))
     for keys, add in (
         (("max_position_embeddings", "n_ctx", "n_positions", "max_length", "max_sequence_length", "model_max_length"), writer.add_context_length),
@@ -143,6 +148,68 @@ def write_hparams(gguf, writer, hparams: dict, family: Family) -> None:
     if family.llama_converter:
         writer.add_vocab_size(hparams["vocab_size"])
         writer.add_rope_dimension_count(head_dim(hparams))
+
+
+def _phi3_rope(hparams: dict) -> tuple[dict, int]:
+    rope = rope_parameters(hparams)
+    rope_dims = int(rope.get("partial_rotary_factor", 1.0) * hparams["hidden_size"]) // hparams["num_attention_heads"]
+    return rope, rope_dims
+
+
+def _write_phi3_hparams(writer, hparams: dict) -> None:
+    """Phi3MiniModel.set_gguf_parameters."""
+    rope, rope_dims = _phi3_rope(hparams)
+    writer.add_context_length(_find(hparams, ("n_positions", "max_position_embeddings")))
+    writer.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+    writer.add_embedding_length(hparams["hidden_size"])
+    writer.add_feed_forward_length(hparams["intermediate_size"])
+    writer.add_block_count(block_count(hparams))
+    writer.add_head_count(hparams["num_attention_heads"])
+    writer.add_head_count_kv(hparams["num_key_value_heads"])
+    writer.add_layer_norm_rms_eps(hparams["rms_norm_eps"])
+    writer.add_rope_dimension_count(rope_dims)
+    writer.add_rope_freq_base(rope.get("full_attention", rope)["rope_theta"])
+    writer.add_sliding_window(hparams.get("sliding_window") or 0)
+    longrope = _phi3_longrope(hparams)
+    if longrope is not None:
+        writer.add_rope_scaling_attn_factors(longrope[0])
+
+
+def _phi3_longrope(hparams: dict) -> Optional[tuple[float, list, list]]:
+    """Phi3MiniModel.generate_extra_tensors: (attention factor, long factors, short factors)
+    of longrope scaling; None without it."""
+    rope, rope_dims = _phi3_rope(hparams)
+    long, short = rope.get("long_factor"), rope.get("short_factor")
+    if not long:
+        return None
+    scale = _find(hparams, ("n_positions", "max_position_embeddings")) / rope["original_max_position_embeddings"]
+    kind = (rope.get("rope_type") or "").lower()
+    if kind in ("su", "longrope"):
+        attn = math.sqrt(1 + math.log(scale) / math.log(rope["original_max_position_embeddings"])) if scale > 1.0 else 1.0
+    elif kind == "yarn":
+        attn = 0.1 * math.log(scale) + 1.0 if scale > 1.0 else 1.0
+    else:
+        raise UnsupportedModel(f"Phi-3 RoPE scaling {kind!r} has no GGUF form in llama.cpp's converter")
+    if short is None or len(long) != len(short) or len(long) != rope_dims / 2:
+        raise UnsupportedModel(f"Phi-3 longrope needs long_factor and short_factor of {rope_dims // 2} values each")
+    return attn, long, short
+
+
+def extra_tensors(gguf, hparams: dict, family: Family) -> dict:
+    """Tensors the converter generates from the config (F32): Llama 3.1+'s rope_freqs, Phi-3's
+    longrope factors."""
+    names = gguf.TENSOR_NAMES
+    if family.phi3_converter:
+        longrope = _phi3_longrope(hparams)
+        if longrope is None:
+            return {}
+        _, long, short = longrope
+        return {
+            names[gguf.MODEL_TENSOR.ROPE_FACTORS_LONG] + ".weight": torch.tensor(long, dtype=torch.float32),
+            names[gguf.MODEL_TENSOR.ROPE_FACTORS_SHORT] + ".weight": torch.tensor(short, dtype=torch.float32),
+        }
+    factors = llama3_rope_factors(hparams)
+    return {} if factors is None else {names[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight": factors}
 
 
 def _write_rope_scaling(gguf, writer, rope_type: str, params: dict) -> None:

@@ -39,6 +39,8 @@ def write_tokenizer(gguf, writer, directory: Path, hparams: dict, family: Family
     if not directory.is_dir():
         raise ExportError(f"tokenizer_dir={directory} is not a directory; pass the directory tokenizer.save_pretrained wrote")
     vocab_size = hparams["vocab_size"]
+    if family.phi3_converter:
+        return _write_phi3(gguf, writer, directory, vocab_size)
     if family.llama_converter:  # LlamaModel.set_vocab
         config = _json(directory / "tokenizer_config.json")
         if config.get("add_prefix_space") is not None:
@@ -70,7 +72,9 @@ def _looks_special(token: str) -> bool:
     )
 
 
-def _write_sentencepiece(gguf, writer, directory: Path, vocab_size: int) -> str:
+def _sentencepiece_pieces(directory: Path, vocab_size: int) -> tuple[list, list, list]:
+    """The pieces, scores and types of tokenizer.model up to `vocab_size` ids ([PADi] after),
+    with added_tokens.json's tokens as user-defined (_create_vocab_sentencepiece)."""
     try:
         from sentencepiece import SentencePieceProcessor
     except ImportError as exc:
@@ -91,6 +95,22 @@ def _write_sentencepiece(gguf, writer, directory: Path, vocab_size: int) -> str:
     for token, i in _json(directory / "added_tokens.json").items():
         if i < vocab_size:
             tokens[i], scores[i], types[i] = token.encode("utf-8"), -1000.0, USER_DEFINED
+    return tokens, scores, types
+
+
+def _add_sentencepiece(gguf, writer, directory: Path, tokens: list, scores: list, types: list) -> str:
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    gguf.SpecialVocab(directory, n_vocab=len(tokens)).add_to_gguf(writer, quiet=True)
+    return "llama"
+
+
+def _write_sentencepiece(gguf, writer, directory: Path, vocab_size: int) -> str:
+    tokens, scores, types = _sentencepiece_pieces(directory, vocab_size)
+    vocab_size = len(tokens)
     for key, data in _json(directory / "tokenizer_config.json").get("added_tokens_decoder", {}).items():
         i, token = int(key), data["content"]
         if i >= vocab_size:
@@ -101,13 +121,25 @@ def _write_sentencepiece(gguf, writer, directory: Path, vocab_size: int) -> str:
             token = token.replace(_SPM_PIECE, " ")  # pre-normalized user-defined spaces
             types[i] = USER_DEFINED
         scores[i], tokens[i] = -1000.0, token.encode("utf-8")
-    writer.add_tokenizer_model("llama")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(tokens)
-    writer.add_token_scores(scores)
-    writer.add_token_types(types)
-    gguf.SpecialVocab(directory, n_vocab=len(tokens)).add_to_gguf(writer, quiet=True)
-    return "llama"
+    return _add_sentencepiece(gguf, writer, directory, tokens, scores, types)
+
+
+def _write_phi3(gguf, writer, directory: Path, vocab_size: int) -> str:
+    """Phi3MiniModel.set_vocab: byte-level BPE when tokenizer_config says GPT2Tokenizer, else
+    SentencePiece whose added tokens (tokenizer_config.json, then tokenizer.json) are typed
+    CONTROL when special and USER_DEFINED otherwise, kept as written."""
+    config = _json(directory / "tokenizer_config.json")
+    if config.get("tokenizer_class") == "GPT2Tokenizer":
+        return _write_gpt2(gguf, writer, directory, vocab_size)
+    if not (directory / "tokenizer.model").is_file():
+        raise ExportError(f"{directory}: no tokenizer.model; a Phi-3 GGUF holds its SentencePiece vocabulary")
+    tokens, scores, types = _sentencepiece_pieces(directory, vocab_size)
+    added = [(int(key), data) for key, data in config.get("added_tokens_decoder", {}).items()]
+    added += [(int(data["id"]), data) for data in _json(directory / "tokenizer.json").get("added_tokens", [])]
+    for i, data in added:
+        tokens[i], scores[i] = data["content"].encode("utf-8"), -1000.0
+        types[i] = CONTROL if data.get("special") else USER_DEFINED
+    return _add_sentencepiece(gguf, writer, directory, tokens, scores, types)
 
 
 def _is_llama_hf(gguf, directory: Path) -> bool:

@@ -7,8 +7,8 @@ steps, convert, then qatfx.export.gguf beside the converter's file for the same 
 quantized weights replaced by their fake-quantized values (tests/export/gguf_reference.py):
 same metadata but the file's own name and type, same tensors, every value bit for bit.
 
-The default run takes one byte-level BPE family (Llama 3.2 layout, tied, llama3 RoPE) and one
-SentencePiece family (Mistral); each family with its own real vocabulary is in the long run
+The default run takes one byte-level BPE family (Llama 3.2 layout, tied, llama3 RoPE), one
+SentencePiece family (Mistral) and Phi-3 (fused projections, its own converter); each family with its own real vocabulary is in the long run
 (reading a 128k-150k vocabulary file alone takes 15-40 s here).
 """
 
@@ -29,6 +29,7 @@ gguf_py = pytest.importorskip("gguf", reason="the gguf extra: pip install -e '.[
 pytest.importorskip("sentencepiece", reason="the test extra (SentencePiece vocabularies)")
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+PHI3_LONGROPE = {"rope_type": "longrope", "long_factor": [1.0 + i / 8 for i in range(8)], "short_factor": [1.0 + i / 16 for i in range(8)]}
 CASES = {
     # name: (config class, model class, llama.cpp vocabulary, config overrides, in the default run)
     "llama3_2-gpt2": ("LlamaConfig", "LlamaForCausalLM", "gpt-2", dict(tie_word_embeddings=True, rope_scaling=LLAMA3_ROPE, rope_theta=500000.0), True),
@@ -37,6 +38,8 @@ CASES = {
     "llama3_1": ("LlamaConfig", "LlamaForCausalLM", "llama-bpe", dict(rope_scaling=LLAMA3_ROPE, rope_theta=500000.0), False),
     "qwen2_5": ("Qwen2Config", "Qwen2ForCausalLM", "qwen2", dict(tie_word_embeddings=True), False),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", "qwen2", dict(tie_word_embeddings=True), False),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", "phi-3", {}, True),
+    "phi3_longrope": ("Phi3Config", "Phi3ForCausalLM", "phi-3", dict(original_max_position_embeddings=32, rope_scaling=PHI3_LONGROPE), False),
 }
 QUANTIZER = qatfx.Int8DynActInt4WeightQuantizer(32, scales_precision=torch.bfloat16)
 
@@ -72,12 +75,13 @@ def test_the_file_is_the_converters_with_the_trained_grid(case, llama_cpp, tmp_p
 
 
 def test_families_llama_cpps_converter_writes_otherwise_are_refused(tmp_path):
-    """Phi-3 and Gemma 3 have converter classes of their own (vocabulary, keys, norms); until
-    qatfx writes them the same way, the export refuses them, naming the other targets."""
-    model, vocab = _hf("Phi3Config", "Phi3ForCausalLM")()
+    """Gemma 3 has a converter class of its own (norms stored as 1 + w, the embedding cut to the
+    tokenizer's size, sliding-window keys); until qatfx writes it the same way, the export
+    refuses it, naming the other targets."""
+    model, vocab = _hf("Gemma3TextConfig", "Gemma3ForCausalLM", tie_word_embeddings=True)()
     converted = qatfx.convert_pt2e(qatfx.prepare_pt2e(model, QUANTIZER, (tokens(2, 8, vocab, 0),), regions="auto").eval())
-    with pytest.raises(ExportError, match=r"model_type 'phi3' has no GGUF export here; supported: llama, mistral, qwen2, qwen3.*qatfx\.export\.hf"):
-        qatfx.export.gguf(converted, tmp_path / "phi3.gguf")
+    with pytest.raises(ExportError, match=r"model_type 'gemma3_text' has no GGUF export here; supported: llama, mistral, phi3, qwen2, qwen3.*qatfx\.export\.hf"):
+        qatfx.export.gguf(converted, tmp_path / "gemma3.gguf")
     assert not list(tmp_path.iterdir())
 
 
