@@ -1,5 +1,5 @@
-"""qatfx.export.gguf: a converted model (Llama 2/3.x, SmolLM, Mistral, Qwen2/2.5, Qwen3, Phi-3
-from transformers, or the demo's CausalLM) -> a GGUF file llama.cpp loads, every int4 linear in
+"""qatfx.export.gguf: a converted model (Llama 2/3.x, SmolLM, Mistral, Qwen2/2.5, Qwen3, Phi-3,
+Gemma 3 from transformers, or the demo's CausalLM) -> a GGUF file llama.cpp loads, every int4 linear in
 Q4_0 holding the trained codes and scales (docs/export_gguf.md). The metadata, tensor names,
 layout transforms and tokenizer are written as llama.cpp's own converter writes them
 (gguf_arch.py, gguf_vocab.py).
@@ -26,9 +26,11 @@ import numpy as np
 import torch
 
 from qatfx import reference
-from qatfx.export.gguf_arch import Family, block_count, extra_tensors, family_of, hparams_of, row_transform, tensor_namer, write_hparams
+from qatfx.export.gguf_arch import (
+    Family, block_count, extra_tensors, family_of, hparams_of, row_transform, tensor_namer, value_shift, write_hparams,
+)
 from qatfx.export.gguf_blocks import BLOCK, block_problem, fp16_problem, q4_0_bytes, q8_0_bytes
-from qatfx.export.gguf_vocab import write_tokenizer
+from qatfx.export.gguf_vocab import tokenizer_rows, write_tokenizer
 from qatfx.export.llama_layout import UnsupportedModel, config_of, hf_names
 from qatfx.export.verify import ExportError, VerificationError
 from qatfx.export.weights import QuantizedWeight, converted_tensors
@@ -125,10 +127,12 @@ def _quantized_tensor(gguf, weight: QuantizedWeight, rows: Optional[Callable], a
     return _Tensor(data, ggml, requantized, True), (f"{layout}; requantized with llama.cpp's {ggml.name} quantizer", moved)
 
 
-def _float_tensor(gguf, tensor: torch.Tensor, kind: str, rows: Optional[Callable] = None) -> _Tensor:
+def _float_tensor(gguf, tensor: torch.Tensor, kind: str, rows: Optional[Callable] = None, shift: float = 0.0) -> _Tensor:
     values = tensor.detach().to(torch.float32)
     if rows is not None:
         values = rows(values)
+    if shift:
+        values = values + shift
     array = values.numpy()
     if kind == "f32":
         return _Tensor(array, gguf.GGMLQuantizationType.F32, values, True)
@@ -137,7 +141,7 @@ def _float_tensor(gguf, tensor: torch.Tensor, kind: str, rows: Optional[Callable
     return _Tensor(gguf.quants.quantize(array, gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0, values, False)
 
 
-def _collect(gguf, converted, hparams: dict, family: Family, embeddings: str, output: str, allow_rounding: bool):
+def _collect(gguf, converted, hparams: dict, family: Family, embeddings: str, output: str, allow_rounding: bool, vocab_rows: Optional[int]):
     tensors = converted_tensors(converted)
     sources = {**tensors.float, **tensors.quantized}
     by_hf = hf_names(sources)
@@ -154,7 +158,7 @@ def _collect(gguf, converted, hparams: dict, family: Family, embeddings: str, ou
     quantized = 0
     for hf, source in by_hf.items():
         name = name_of(hf)
-        rows = row_transform(hf, hparams, family)
+        rows = row_transform(hf, hparams, family, vocab_rows)
         if source in tensors.quantized:
             tensor, issue = _quantized_tensor(gguf, tensors.quantized[source], rows, allow_rounding)
             if tensor is None:
@@ -165,11 +169,11 @@ def _collect(gguf, converted, hparams: dict, family: Family, embeddings: str, ou
             else:
                 quantized += 1
         elif hf == "model.embed_tokens.weight":
-            tensor = _float_tensor(gguf, sources[source], embeddings)
+            tensor = _float_tensor(gguf, sources[source], embeddings, rows)
         elif hf == "lm_head.weight":
             tensor = _float_tensor(gguf, sources[source], output)
         elif sources[source].dim() == 1:
-            tensor = _float_tensor(gguf, sources[source], "f32", rows)  # norms and biases: llama.cpp wants F32
+            tensor = _float_tensor(gguf, sources[source], "f32", rows, value_shift(hf, family))  # norms and biases: llama.cpp wants F32
         else:
             tensor = _float_tensor(gguf, sources[source], "f16", rows)  # a linear left in float
         out[name] = tensor
@@ -261,7 +265,8 @@ def gguf(
     try:
         hparams = hparams_of(config_of(converted, config))
         family = family_of(hparams)
-        tensors, rounded, quantized = _collect(gguf_module, converted, hparams, family, embeddings, output, allow_rounding)
+        vocab_rows = tokenizer_rows(Path(tokenizer_dir), hparams) if tokenizer_dir is not None and family.gemma3_converter else None
+        tensors, rounded, quantized = _collect(gguf_module, converted, hparams, family, embeddings, output, allow_rounding, vocab_rows)
     except (UnsupportedModel, ValueError) as exc:
         if isinstance(exc, ExportError):
             raise

@@ -34,6 +34,7 @@ class Family:
     permute_qk: bool = False  # LlamaModel.undo_permute: q/k rows to llama.cpp's adjacent rotary pairs
     llama_converter: bool = False  # written by conversion/llama.py LlamaModel: its extra keys and set_vocab
     phi3_converter: bool = False  # conversion/phi.py Phi3MiniModel: its own keys, vocabulary and longrope factors
+    gemma3_converter: bool = False  # conversion/gemma.py Gemma3Model: norms as 1 + w, its keys, the embedding cut to the tokenizer
 
 
 # model_type -> Family; conversion/llama.py registers MistralForCausalLM as LlamaModel, and
@@ -44,6 +45,7 @@ FAMILIES = {
     "qwen2": Family("QWEN2"),
     "qwen3": Family("QWEN3"),
     "phi3": Family("PHI3", phi3_converter=True),
+    "gemma3_text": Family("GEMMA3", gemma3_converter=True),
 }
 
 
@@ -148,6 +150,25 @@ def write_hparams(gguf, writer, hparams: dict, family: Family) -> None:
     if family.llama_converter:
         writer.add_vocab_size(hparams["vocab_size"])
         writer.add_rope_dimension_count(head_dim(hparams))
+    if family.gemma3_converter:
+        _write_gemma3_hparams(writer, hparams, rope)
+
+
+def _write_gemma3_hparams(writer, hparams: dict, rope: dict) -> None:
+    """Gemma3Model.set_gguf_parameters: its defaults and keys over the base ones."""
+    writer.add_context_length(hparams.get("max_position_embeddings", 131072))
+    writer.add_head_count(hparams.get("num_attention_heads", 8))
+    writer.add_layer_norm_rms_eps(hparams.get("rms_norm_eps", 1e-6))
+    writer.add_key_length(hparams.get("head_dim", 256))
+    writer.add_value_length(hparams.get("head_dim", 256))
+    writer.add_rope_freq_base(rope.get("full_attention", rope).get("rope_theta", 1_000_000.0))
+    if hparams.get("attn_logit_softcapping") is not None:
+        raise UnsupportedModel("attention logit softcapping has no GGUF form in llama.cpp's Gemma 3 converter")
+    if hparams.get("final_logit_softcapping"):
+        writer.add_final_logit_softcapping(hparams["final_logit_softcapping"])
+    if hparams.get("sliding_window_pattern") != 1:
+        writer.add_sliding_window(hparams["sliding_window"])
+    writer.add_head_count_kv(hparams.get("num_key_value_heads", 4))
 
 
 def _phi3_rope(hparams: dict) -> tuple[dict, int]:
@@ -271,8 +292,11 @@ def rotary_rows(rows: torch.Tensor, heads: int) -> torch.Tensor:
     return rows.reshape(heads, 2, n // heads // 2, *rows.shape[1:]).transpose(1, 2).reshape(rows.shape)
 
 
-def row_transform(hf_name: str, hparams: dict, family: Family) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
-    """The row permutation llama.cpp's converter applies to this tensor, or None."""
+def row_transform(hf_name: str, hparams: dict, family: Family, vocab_rows: Optional[int] = None) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
+    """The row permutation or selection llama.cpp's converter applies to this tensor, or None.
+    vocab_rows: Gemma 3's converter keeps the embedding rows of the tokenizer's tokens only."""
+    if family.gemma3_converter and hf_name == "model.embed_tokens.weight" and vocab_rows is not None:
+        return lambda rows: rows[:vocab_rows]
     if not family.permute_qk:
         return None
     if hf_name.endswith(("q_proj.weight", "q_proj.bias")):
@@ -282,6 +306,12 @@ def row_transform(hf_name: str, hparams: dict, family: Family) -> Optional[Calla
     else:
         return None
     return lambda rows: rotary_rows(rows, heads)
+
+
+def value_shift(hf_name: str, family: Family) -> float:
+    """What the converter adds to a float tensor: Gemma 3 stores its RMSNorm weights as 1 + w
+    (Gemma3Model.norm_shift), as llama.cpp multiplies by the stored weight."""
+    return 1.0 if family.gemma3_converter and hf_name.endswith("norm.weight") else 0.0
 
 
 def tensor_namer(gguf, hparams: dict, family: Family) -> Callable[[str], str]:

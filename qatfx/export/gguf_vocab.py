@@ -41,6 +41,12 @@ def write_tokenizer(gguf, writer, directory: Path, hparams: dict, family: Family
     vocab_size = hparams["vocab_size"]
     if family.phi3_converter:
         return _write_phi3(gguf, writer, directory, vocab_size)
+    if family.gemma3_converter:  # Gemma3Model.set_vocab
+        if (directory / "tokenizer.model").is_file():
+            model = _write_sentencepiece(gguf, writer, directory, vocab_size)
+            writer.add_add_space_prefix(False)
+            return model
+        return _write_gpt2(gguf, writer, directory, vocab_size)
     if family.llama_converter:  # LlamaModel.set_vocab
         config = _json(directory / "tokenizer_config.json")
         if config.get("add_prefix_space") is not None:
@@ -56,6 +62,16 @@ def write_tokenizer(gguf, writer, directory: Path, hparams: dict, family: Family
     if family.llama_converter and vocab_size == 49152:  # LlamaModel.set_vocab: SmolLM's vocabulary adds no BOS
         writer.add_add_bos_token(False)
     return model
+
+
+def tokenizer_rows(directory: Path, hparams: dict) -> int:
+    """How many tokens the tokenizer in `directory` has, as Gemma3Model.modify_tensors counts
+    them to cut the embedding: SentencePiece's vocabulary padded to the config's size, or
+    tokenizer.json's vocabulary plus its added tokens."""
+    if (directory / "tokenizer.model").is_file():
+        return len(_sentencepiece_pieces(directory, hparams["vocab_size"])[0])
+    tokenizer = _json(directory / "tokenizer.json")
+    return len(tokenizer["model"]["vocab"]) + len(tokenizer["added_tokens"])
 
 
 def _json(path: Path) -> dict:

@@ -25,8 +25,9 @@ _CAUSAL_LM_NAMES = (
     (r"^norm\.weight$", "model.norm.weight"),
     (r"^lm_head\.weight$", "lm_head.weight"),
 )
-# computed buffers a file does not carry (the loader recomputes them from the hyperparameters)
-_DERIVED = re.compile(r"(^|\.)(rope_cos|rope_sin|\w*inv_freq)$")
+# computed buffers a file does not carry (the loader recomputes them from the hyperparameters:
+# RoPE tables, Gemma's sqrt(hidden) embedding scale)
+_DERIVED = re.compile(r"(^|\.)(rope_cos|rope_sin|\w*inv_freq|embed_scale)$")
 
 
 @dataclass(frozen=True)

@@ -79,7 +79,7 @@ def test_tensor_names_are_llama_cpps():
     assert name("model.layers.0.self_attn.v_proj.bias") == "blk.0.attn_v.bias"
     with pytest.raises(UnsupportedModel, match="model.layers.2.mlp.up_proj.weight has no tensor"):
         name("model.layers.2.mlp.up_proj.weight")  # past the config's block count
-    with pytest.raises(UnsupportedModel, match=r"model_type 'bert' has no GGUF export here; supported: llama, mistral, phi3, qwen2, qwen3"):
+    with pytest.raises(UnsupportedModel, match=r"model_type 'bert' has no GGUF export here; supported: gemma3_text, llama, mistral, phi3, qwen2, qwen3"):
         family_of({"model_type": "bert"})
 
 

@@ -8,7 +8,8 @@ quantized weights replaced by their fake-quantized values (tests/export/gguf_ref
 same metadata but the file's own name and type, same tensors, every value bit for bit.
 
 The default run takes one byte-level BPE family (Llama 3.2 layout, tied, llama3 RoPE), one
-SentencePiece family (Mistral) and Phi-3 (fused projections, its own converter); each family with its own real vocabulary is in the long run
+SentencePiece family (Mistral), Phi-3 (fused projections, its own converter) and Gemma 3
+(norms stored as 1 + w, its own keys); each family with its own real vocabulary is in the long run
 (reading a 128k-150k vocabulary file alone takes 15-40 s here).
 """
 
@@ -39,6 +40,7 @@ CASES = {
     "qwen2_5": ("Qwen2Config", "Qwen2ForCausalLM", "qwen2", dict(tie_word_embeddings=True), False),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", "qwen2", dict(tie_word_embeddings=True), False),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", "phi-3", {}, True),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", "llama-spm", dict(tie_word_embeddings=True, sliding_window=4), True),
     "phi3_longrope": ("Phi3Config", "Phi3ForCausalLM", "phi-3", dict(original_max_position_embeddings=32, rope_scaling=PHI3_LONGROPE), False),
 }
 QUANTIZER = qatfx.Int8DynActInt4WeightQuantizer(32, scales_precision=torch.bfloat16)
@@ -74,14 +76,13 @@ def test_the_file_is_the_converters_with_the_trained_grid(case, llama_cpp, tmp_p
     assert sum(kind == "Q4_0" for kind in tensor_types(ours.path).values()) == len(quantized)
 
 
-def test_families_llama_cpps_converter_writes_otherwise_are_refused(tmp_path):
-    """Gemma 3 has a converter class of its own (norms stored as 1 + w, the embedding cut to the
-    tokenizer's size, sliding-window keys); until qatfx writes it the same way, the export
-    refuses it, naming the other targets."""
-    model, vocab = _hf("Gemma3TextConfig", "Gemma3ForCausalLM", tie_word_embeddings=True)()
+def test_a_family_llama_cpps_converter_does_not_write_is_refused(tmp_path):
+    """A model_type without a GGUF family here is refused before anything is written, naming
+    the families and the other targets."""
+    model, vocab = _hf("GPT2Config", "GPT2LMHeadModel", n_embd=64, n_layer=1, n_head=4)()
     converted = qatfx.convert_pt2e(qatfx.prepare_pt2e(model, QUANTIZER, (tokens(2, 8, vocab, 0),), regions="auto").eval())
-    with pytest.raises(ExportError, match=r"model_type 'gemma3_text' has no GGUF export here; supported: llama, mistral, phi3, qwen2, qwen3.*qatfx\.export\.hf"):
-        qatfx.export.gguf(converted, tmp_path / "gemma3.gguf")
+    with pytest.raises(ExportError, match=r"model_type 'gpt2' has no GGUF export here; supported: gemma3_text, llama, mistral, phi3, qwen2, qwen3.*qatfx\.export\.hf"):
+        qatfx.export.gguf(converted, tmp_path / "gpt2.gguf")
     assert not list(tmp_path.iterdir())
 
 
