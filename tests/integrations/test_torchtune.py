@@ -256,6 +256,7 @@ def _run(tmp_path, strategy, ranks):
     return json.loads(out.read_text()), torch.load(str(out) + ".grads.pt")
 
 
+@pytest.mark.long  # two torchrun ranks with compiles, ~35 s on 2 cores (README: FSDP2 in the long run)
 def test_fsdp2_per_layer_matches_single_process(tmp_path):
     """The recipe's order on 2 ranks: torchtune's shard_model with get_shard_conditions
     shards each (checkpoint-wrapped) prepared decoder layer, then the root;

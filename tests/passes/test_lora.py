@@ -222,8 +222,9 @@ def test_state_dict_round_trip(mode):
     torch.testing.assert_close(fresh(_x(5)), trained(_x(5)), atol=0, rtol=0)
 
 
-# merge_consistent compiles the merged-weight fake-quant too (~30 s cold on 2 cores): long run
-@pytest.mark.parametrize("mode", [pytest.param("merge_consistent", marks=pytest.mark.long), "torchtune"])
+# cold compiles of the LoRA graphs at two lengths (30-50 s each on 2 cores): long run
+@pytest.mark.long
+@pytest.mark.parametrize("mode", ["merge_consistent", "torchtune"])
 def test_compiled_training_two_sequence_lengths(mode):
     torch._dynamo.reset()
     prepared = _prepare(mode)

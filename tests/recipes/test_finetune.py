@@ -133,8 +133,9 @@ def test_finetune_then_eval_builtin_charlm(tmp_path, text_file, capsys):
     check_output(tmp_path, text_file, report, out, capsys)
 
 
-# ~35 s each on 2 cores: the torchtune mode in the long run
-@pytest.mark.parametrize("mode", ["merge_consistent", pytest.param("torchtune", marks=pytest.mark.long)])
+# ~35-50 s each on 2 cores: the long run (LoRA training itself: tests/passes/test_lora*.py)
+@pytest.mark.long
+@pytest.mark.parametrize("mode", ["merge_consistent", "torchtune"])
 def test_finetune_with_lora_adapters(tmp_path, text_file, capsys, mode):
     """--lora-rank: control and QAT train the same adapters on a frozen base, merged before
     convert. merge_consistent keeps the contract (converted == fake-quant); torchtune mode

@@ -1,5 +1,6 @@
 """The recipes' training loop is bit-reproducible under torch.compile."""
 
+import pytest
 import torch
 from torch._inductor.utils import fresh_cache, run_and_get_code
 
@@ -17,6 +18,7 @@ def _compiled_step_code(model, batch):
     return "\n".join(code)
 
 
+@pytest.mark.long  # a cold compile of forward and backward, ~20 s on 2 cores
 def test_embedding_backward_has_no_atomic_adds_in_deterministic_mode():
     # The source of run-to-run drift: Inductor's parallel scatter-add for the embedding's
     # gradient sums with atomic adds, in an order that varies between runs.
