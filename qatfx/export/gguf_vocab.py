@@ -1,11 +1,12 @@
 """A transformers tokenizer directory as a GGUF tokenizer section, written the way llama.cpp's
 own converter writes it (conversion/base.py: `_set_vocab_sentencepiece`, `_set_vocab_llama_hf`,
-`_set_vocab_gpt2` with `get_vocab_base` / `get_vocab_base_pre`), so that llama.cpp tokenizes
-as transformers does:
+`_set_vocab_gpt2` with `get_vocab_base` / `get_vocab_base_pre`; each family's `set_vocab`),
+so that llama.cpp tokenizes as transformers does:
 
-- SentencePiece (`tokenizer.model`) first, with its scores and piece types, where the
-  family's converter tries it first (every family here);
-- then a Llama-style tokenizer.json (byte fallback, "▁" spaces) through gguf-py's LlamaHfVocab;
+- SentencePiece (`tokenizer.model`) first, with its scores and piece types (Phi-3 and Gemma 3
+  with their converters' own rules for added tokens and the space prefix);
+- then, for Llama-family models, a Llama-style tokenizer.json (byte fallback, "▁" spaces)
+  through gguf-py's LlamaHfVocab;
 - then byte-level BPE ("gpt2"), whose pre-tokenizer llama.cpp must know: it is identified as
   the converter does, by hashing the ids of a fixed text (the table in
   gguf_pretokenizers.json is read from the converter by tests/export/pretokenizer_table.py).
