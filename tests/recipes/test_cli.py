@@ -150,5 +150,7 @@ def test_tiny_demo_report(tmp_path, text_file, capsys):
     assert "## Exported: the int4 g32 QAT model as GGUF" in (out / "report.md").read_text()
     # --export hf: the weights exactly (verified), the 8da4w activation quantization dropped and measured
     hf_lines = "\n".join(report["file_exports"]["hf"])
-    assert (out / "qat_hf" / "model.safetensors").exists() and "8 int4 linears" in hf_lines
+    # 7 linears packed; the quantized lm_head written as its float grid (vLLM-safe default)
+    assert (out / "qat_hf" / "model.safetensors").exists() and "7 int4 linears" in hf_lines
+    assert "float (ignore): lm_head: written as its dequantized int4 grid" in hf_lines
     assert "vs the converted 8da4w model" in hf_lines
