@@ -1,6 +1,7 @@
 """QAT training through torch.compile (Inductor, CPU): matches eager, fuses fake-quant,
 and handles variable batch and sequence length without per-shape recompiles."""
 
+import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch._inductor.utils import run_and_get_code
@@ -59,6 +60,7 @@ def test_fake_quant_is_decomposed_and_fused_by_inductor():
     assert "round" in code.lower() or "nearbyint" in code.lower()
 
 
+@pytest.mark.long  # four shapes through fresh compiles, ~1 min on 2 cores
 def test_variable_batch_and_sequence_length_compile_at_most_twice():
     prepared = _one_layer_lm().train()
     counter = CompileCounterWithBackend("inductor")

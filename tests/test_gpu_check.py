@@ -8,10 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ["environment", "correctness_sweep", "compiled_decode", "gemm_table", "decode_e2e"]
 
 
+@pytest.mark.long  # every stage's compiles in a fresh process, ~1.5 min on 2 cores
 def test_smoke_run_writes_every_stage(tmp_path):
     run = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--smoke", "--out", str(tmp_path)],

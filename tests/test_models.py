@@ -10,8 +10,10 @@ import qatfx
 from tests.model_zoo import hf_llama_logits, torchtune_llama3_2
 
 
-# the torchtune model's compiled flow (~40 s on 2 cores) in the long run; HF Llama in both
-@pytest.mark.parametrize("build", [hf_llama_logits, pytest.param(torchtune_llama3_2, marks=pytest.mark.long)], ids=["hf_llama", "torchtune_llama3_2"])
+# compiled QAT of a real model, 1-2.5 min each on 2 cores: the long run (the default run
+# compiles the toy model's training in tests/test_compile.py and prepares every family eagerly)
+@pytest.mark.long
+@pytest.mark.parametrize("build", [hf_llama_logits, torchtune_llama3_2], ids=["hf_llama", "torchtune_llama3_2"])
 def test_real_model_flow(build):
     model, vocab = build()
     example = torch.randint(0, vocab, (2, 8))

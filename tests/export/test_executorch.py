@@ -31,13 +31,14 @@ def run_pte(path, *args) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def tied_toy(tmp_path_factory):
-    """A tied-embedding Llama-style model, trained a few compiled QAT steps with 8da4w in
-    XNNPACK's scale dtype (bfloat16), converted and exported."""
+    """A tied-embedding Llama-style model, trained a few QAT steps with 8da4w in XNNPACK's
+    scale dtype (bfloat16), converted and exported (eager steps: a compile here cost a minute
+    and the export reads only the trained grid; compiled QAT: tests/test_compile.py)."""
     torch.manual_seed(0)
     prepared = qatfx.prepare_pt2e(
         TinyLM(tie=True).train(), qatfx.Int8DynActInt4WeightQuantizer(GROUP, scales_precision=torch.bfloat16), (tokens(),)
     )
-    qat_steps(prepared, 96, steps=3, compiled=True)
+    qat_steps(prepared, 96, steps=3)
     converted = qatfx.convert_pt2e(prepared.eval())
     report = qatfx.export.executorch(converted, tmp_path_factory.mktemp("pte") / "toy.pte")
     return converted, report

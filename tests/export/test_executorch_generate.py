@@ -185,6 +185,7 @@ def test_float_one_token_program_generates_the_float_models_tokens(tmp_path):
         assert torch.equal(generate_pte(report.path, ids, NEW_TOKENS), expected)
 
 
+@pytest.mark.long  # a second prepare, convert and KV-cache export, ~1 min on 2 cores
 def test_int4_embedding_region_generates_the_converted_models_tokens(tmp_path):
     """With embedding_spec, region capture makes `embed_tokens` a region too: its table is
     fake-quantized in training, packed by convert, and run by ExecuTorch's quantized

@@ -105,6 +105,7 @@ def check_output(tmp_path: Path, text_file: Path, report: dict, out: Path, capsy
     assert capsys.readouterr().out == f"test perplexity: {ppl['qat_converted']:.4f}\n"
 
 
+@pytest.mark.long  # ~30 s on 2 cores; the builtin model's finetune + eval is the default run's
 def test_finetune_then_eval_gpt2_with_byte_tokens(tmp_path, text_file, capsys):
     checkpoint = save_checkpoint("hf_gpt2", tmp_path / "gpt2")
     report, out = finetune_and_eval(tmp_path, text_file, checkpoint)
@@ -112,6 +113,7 @@ def test_finetune_then_eval_gpt2_with_byte_tokens(tmp_path, text_file, capsys):
     check_output(tmp_path, text_file, report, out, capsys)
 
 
+@pytest.mark.long  # ~30 s on 2 cores
 def test_finetune_then_eval_llama_with_its_tokenizer(tmp_path, text_file, capsys):
     import shutil
 
