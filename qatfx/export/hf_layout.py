@@ -339,6 +339,12 @@ def _hf_config(cfg: Any, hp: LlamaHParams, tied: bool, dtype: torch.dtype):
         config.tie_word_embeddings = tied
         if hasattr(config, "quantization_config"):
             del config.quantization_config
+        # vLLM picks the model class from `architectures`: the config's own, else the causal LM
+        # class transformers maps its model_type to (a config built in code names none)
+        if not config.architectures:
+            from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+            config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]
     else:
         fields = dict(
             vocab_size=hp.vocab_size, hidden_size=hp.hidden_size, intermediate_size=hp.intermediate_size,
@@ -354,7 +360,7 @@ def _hf_config(cfg: Any, hp: LlamaHParams, tied: bool, dtype: torch.dtype):
         else:
             fields["rope_theta"] = hp.rope_theta
         config = transformers.LlamaConfig(**fields)
-    config.architectures = ["LlamaForCausalLM"]
+        config.architectures = ["LlamaForCausalLM"]
     # transformers 5 names it `dtype` (config.json "dtype"), 4.x `torch_dtype`
     if "dtype" in inspect.signature(transformers.PretrainedConfig.__init__).parameters:
         config.dtype = dtype

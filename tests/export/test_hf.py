@@ -222,6 +222,7 @@ def test_a_family_is_written_in_its_own_layout_and_config(family, tmp_path):
     original = model.config.to_dict()
     for key in ("model_type", "head_dim", "rope_scaling", "rope_parameters", "attention_bias", "sliding_window"):
         assert written.get(key) == original.get(key), key
+    assert written["architectures"] == [model_class]  # what vLLM picks the model class by
     names = set(load_file(str(report.path / "model.safetensors")))
     packed = {n.removesuffix(".weight_packed") for n in names if n.endswith(".weight_packed")}
     assert len(packed) == report.quantized_layers == len(qatfx.summary(converted).quantized) - 1  # lm_head in float
