@@ -29,7 +29,7 @@ from qatfx import reference
 from qatfx.export.gguf_arch import (
     Family, block_count, extra_tensors, family_of, hparams_of, row_transform, tensor_namer, value_shift, write_hparams,
 )
-from qatfx.export.gguf_blocks import BLOCK, block_problem, fp16_problem, q4_0_bytes, q8_0_bytes
+from qatfx.export.gguf_blocks import block_problem, fp16_problem, q4_0_bytes, q8_0_bytes
 from qatfx.export.gguf_vocab import tokenizer_rows, write_tokenizer
 from qatfx.export.llama_layout import UnsupportedModel, config_of, hf_names
 from qatfx.export.verify import ExportError, VerificationError
