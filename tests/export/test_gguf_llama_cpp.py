@@ -76,23 +76,6 @@ def test_8da4w_model_in_llama_cpp(tmp_path):
     assert relative < 3e-2 and agreement >= 0.9, (relative, agreement)
 
 
-def test_llama_cpp_tokenizes_with_a_transformers_bpe_tokenizer(tmp_path):
-    from tests.export.test_gguf import BPE_TEXT, FP16_8DA4W, _hf_llama, byte_level_bpe
-    from tests.models import tokens
-
-    tokenizer = byte_level_bpe(tmp_path / "tok", BPE_TEXT)
-    model, _ = _hf_llama(len(tokenizer))
-    example = tokens(2, 8, len(tokenizer))
-    converted = qatfx.convert_pt2e(qatfx.prepare_pt2e(model, FP16_8DA4W, (example,), regions="auto").eval())
-    path = gguf(converted, tmp_path / "bpe.gguf", tokenizer_dir=tmp_path / "tok").path
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, verbose=False)
-    try:
-        for text in ("it was the age of wisdom", "the worst of times, foolishness."):
-            assert llm.tokenize(text.encode(), add_bos=False, special=False) == tokenizer(text)["input_ids"]
-    finally:
-        llm.close()
-
-
 def test_llama_cpp_quantizer_model_in_llama_cpp(tmp_path):
     """Trained on llama.cpp's own arithmetic (Q4_0 weights x Q8_0 activations, x86 path) and
     the embedding stored F32: the same integer products on both sides, so what remains is
