@@ -128,6 +128,29 @@ FAMILIES = [
 
 BY_NAME = {f.name: f for f in FAMILIES}
 
+# Llama 3.1+ RoPE scaling (transformers' rope_type "llama3"), its original context shrunk to the
+# test models' 64 positions so that every frequency band is exercised
+LLAMA3_ROPE = dict(
+    rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 64},
+    rope_theta=500000.0,
+)
+# docs/deploy.md's families x targets matrix: name -> (config class, model class, config overrides)
+DEPLOY_FAMILIES = {
+    "llama3_2": ("LlamaConfig", "LlamaForCausalLM", dict(tie_word_embeddings=True, **LLAMA3_ROPE)),
+    "qwen2_5": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=True)),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {}),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(tie_word_embeddings=True, sliding_window=4)),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {}),
+}
+
+
+def deploy_family(name: str) -> tuple[torch.nn.Module, int]:
+    """A DEPLOY_FAMILIES model with transformers' default config (use_cache=True)."""
+    config_class, model_class, overrides = DEPLOY_FAMILIES[name]
+    return _hf(config_class, model_class, use_cache=True, **overrides)()
+
 
 def hf_llama_logits():
     """The HF Llama causal LM wrapped to return the logits tensor."""

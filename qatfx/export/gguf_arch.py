@@ -17,13 +17,14 @@ head), a row permutation, so codes and scales move unchanged. Gemma's norms (sto
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
 
-from qatfx.export.llama_layout import UnsupportedModel
+from qatfx.export.llama_layout import UnsupportedModel, llama_hparams
 
 
 @dataclass(frozen=True)
@@ -68,20 +69,8 @@ def hparams_of(config: Any) -> dict:
         if isinstance(hparams.get("text_config"), dict):
             hparams = {**hparams, **hparams["text_config"]}
         return hparams
-    if hasattr(config, "dim") and hasattr(config, "rope_base"):
-        if not config.rope or config.o_proj_bias or config.dropout:
-            raise UnsupportedModel("this CausalLM is not a Llama: it needs rope=True, o_proj_bias=False and dropout=0 to be written as one")
-        return {
-            "model_type": "llama", "vocab_size": config.vocab_size, "hidden_size": config.dim,
-            "intermediate_size": config.hidden, "num_hidden_layers": config.layers,
-            "num_attention_heads": config.heads, "num_key_value_heads": config.n_kv_heads,
-            "rms_norm_eps": float(config.norm_eps), "rope_theta": float(config.rope_base),
-            "max_position_embeddings": config.max_seq, "tie_word_embeddings": bool(config.tie_embeddings),
-        }
-    raise UnsupportedModel(
-        f"cannot read hyperparameters from a {type(config).__name__}; pass config= the model's transformers config "
-        "or a qatfx.recipes.model.LMConfig"
-    )
+    # a recipes LMConfig (or anything else llama_hparams reads or refuses): the Llama it describes
+    return {"model_type": "llama", **dataclasses.asdict(llama_hparams(config))}
 
 
 def _find(hparams: dict, keys: tuple) -> Any:

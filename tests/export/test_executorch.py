@@ -16,7 +16,7 @@ from qatfx.graph.linear_sites import get_attr_value
 from qatfx.graph.regions import graph_regions
 from tests.export.decisions import assert_same_logits_and_tokens
 from tests.export.training import qat_steps
-from tests.model_zoo import _hf
+from tests.model_zoo import DEPLOY_FAMILIES, _hf, deploy_family
 from tests.models import TinyLM, tokens
 
 runtime = pytest.importorskip("executorch.runtime", reason="the executorch extra: pip install -e '.[executorch]'")
@@ -168,25 +168,12 @@ def test_float32_trained_scales_are_reported(tied_toy):
     assert not any("bfloat16" in d for d in _differences(tied_toy[0]))  # trained in bf16: nothing to say
 
 
-LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
-ET_FAMILIES = {
-    # name: (config class, model class, config overrides), each with transformers' default config (use_cache=True)
-    "llama3_2": ("LlamaConfig", "LlamaForCausalLM", dict(tie_word_embeddings=True, rope_scaling=LLAMA3_ROPE, rope_theta=500000.0)),
-    "qwen2_5": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=True)),
-    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {}),
-    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(tie_word_embeddings=True, sliding_window=4)),
-    "phi3": ("Phi3Config", "Phi3ForCausalLM", {}),
-    "mistral": ("MistralConfig", "MistralForCausalLM", {}),
-}
-
-
 @pytest.mark.long
-@pytest.mark.parametrize("family", list(ET_FAMILIES))
+@pytest.mark.parametrize("family", list(DEPLOY_FAMILIES))
 def test_every_family_exports_with_every_linear_delegated(family, tmp_path):
     """Each family of docs/deploy.md's matrix, region-captured with its default config, 8da4w
     in XNNPACK's scale dtype: every quantized linear delegated, the .pte verified."""
-    config_class, model_class, overrides = ET_FAMILIES[family]
-    model, vocab = _hf(config_class, model_class, use_cache=True, **overrides)()
+    model, vocab = deploy_family(family)
     quantizer = qatfx.Int8DynActInt4WeightQuantizer(GROUP, scales_precision=torch.bfloat16)
     converted = qatfx.convert_pt2e(qatfx.prepare_pt2e(model, quantizer, (tokens(2, 8, vocab, 0),), regions="auto").eval())
     report = qatfx.export.executorch(converted, tmp_path / f"{family}.pte")

@@ -23,20 +23,19 @@ from qatfx.export import ExportError
 from tests.export.gguf_reference import differences, reference_gguf, tensor_types
 from tests.export.training import qat_steps
 from tests.llama_cpp_sources import llama_cpp_source_or_skip
-from tests.model_zoo import _hf
+from tests.model_zoo import LLAMA3_ROPE, _hf
 from tests.models import tokens
 
 gguf_py = pytest.importorskip("gguf", reason="the gguf extra: pip install -e '.[gguf]'")
 pytest.importorskip("sentencepiece", reason="the test extra (SentencePiece vocabularies)")
 
-LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
 PHI3_LONGROPE = {"rope_type": "longrope", "long_factor": [1.0 + i / 8 for i in range(8)], "short_factor": [1.0 + i / 16 for i in range(8)]}
 CASES = {
     # name: (config class, model class, llama.cpp vocabulary, config overrides, in the default run)
-    "llama3_2-gpt2": ("LlamaConfig", "LlamaForCausalLM", "gpt-2", dict(tie_word_embeddings=True, rope_scaling=LLAMA3_ROPE, rope_theta=500000.0), True),
+    "llama3_2-gpt2": ("LlamaConfig", "LlamaForCausalLM", "gpt-2", dict(tie_word_embeddings=True, **LLAMA3_ROPE), True),
     "mistral-spm": ("MistralConfig", "MistralForCausalLM", "llama-spm", dict(sliding_window=None), True),
-    "llama3_2": ("LlamaConfig", "LlamaForCausalLM", "llama-bpe", dict(tie_word_embeddings=True, rope_scaling=LLAMA3_ROPE, rope_theta=500000.0), False),
-    "llama3_1": ("LlamaConfig", "LlamaForCausalLM", "llama-bpe", dict(rope_scaling=LLAMA3_ROPE, rope_theta=500000.0), False),
+    "llama3_2": ("LlamaConfig", "LlamaForCausalLM", "llama-bpe", dict(tie_word_embeddings=True, **LLAMA3_ROPE), False),
+    "llama3_1": ("LlamaConfig", "LlamaForCausalLM", "llama-bpe", dict(LLAMA3_ROPE), False),
     "qwen2_5": ("Qwen2Config", "Qwen2ForCausalLM", "qwen2", dict(tie_word_embeddings=True), False),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", "qwen2", dict(tie_word_embeddings=True), False),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", "phi-3", {}, False),
