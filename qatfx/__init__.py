@@ -5,7 +5,7 @@
     q = convert_pt2e(m)
 """
 
-from qatfx import formats, ops  # noqa: F401  register the qatfx:: torch.library ops
+from qatfx import formats, ops, presets  # noqa: F401  formats / ops register the qatfx:: torch.library ops
 from qatfx.api import (
     FakeQuantAfterNSteps,
     convert_pt2e,
@@ -23,8 +23,10 @@ from qatfx.passes.lora import LoRA
 from qatfx.quantizer import (
     Int4WeightOnlyQuantizer,
     Int8DynActInt4WeightQuantizer,
+    Int8DynActInt8WeightQuantizer,
     Int8WeightOnlyQuantizer,
     LlamaCppQuantizer,
+    MixedQuantizer,
     Quantizer,
 )
 from qatfx.regional_compile import compile_regions
@@ -37,8 +39,10 @@ __all__ = [
     "FakeQuantAfterNSteps",
     "Int4WeightOnlyQuantizer",
     "Int8DynActInt4WeightQuantizer",
+    "Int8DynActInt8WeightQuantizer",
     "Int8WeightOnlyQuantizer",
     "LlamaCppQuantizer",
+    "MixedQuantizer",
     "LoRA",
     "NonFiniteWarning",
     "PerChannel",

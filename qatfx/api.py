@@ -94,6 +94,8 @@ def prepare_pt2e(
         layers = _prepare_graph(prepared, quantizer, prepared.dump_folder(), check_finite)
         if lora is not None:
             _add_lora(prepared, lora)
+    graphs = [gm for _, gm in graph_regions(prepared)]
+    quantizer.warn_unmatched_rules(graphs, [r.layer for r in getattr(prepared, "qatfx_outside_layers", [])])
     for report in layers:
         if not report.quantized:
             log.warning("qatfx: layer %s left in float: %s", report.layer, report.skip_reason)
@@ -136,7 +138,7 @@ def _prepare_regions(
     if args is None:
         raise ValueError("prepare_pt2e(model, quantizer, example_inputs, regions=...): example_inputs are required")
     args = args if isinstance(args, tuple) else (args,)
-    calls, outside = plan_regions(model, regions, args, kwargs, embeddings=quantizer.embedding_spec is not None)
+    calls, outside = plan_regions(model, regions, args, kwargs, embeddings=quantizer.quantizes_embeddings)
     prepared = copy_model_sharing_tensors(model)
     prepared.qatfx_outside_layers = [outside_report(o, type(model).__name__) for o in outside]
     # qatfx.save re-exports the whole model; these are its default example inputs

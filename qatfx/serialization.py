@@ -34,8 +34,8 @@ from qatfx.formats import format_named
 from qatfx.graph.meta import CONVERTED
 from qatfx.graph.regions import is_regional, model_stage
 from qatfx.module import QATGraphModule, copy_sharing_tensors
-from qatfx.quantizer import Quantizer
-from qatfx.spec import TORCHAO, PerChannel, PerGroup, PerTensor, PerToken, QuantSpec
+from qatfx.quantizer import MixedQuantizer, Quantizer
+from qatfx.spec import TORCHAO, PerChannel, PerGroup, PerTensor, PerToken, QuantSpec, scheme_name
 from qatfx.summary import LayerReport, summary
 
 log = logging.getLogger("qatfx.serialization")
@@ -257,14 +257,6 @@ def spec_from_json(data: Optional[dict]) -> Optional[QuantSpec]:
     )
 
 
-def scheme_name(input_spec: Optional[QuantSpec], weight_spec: QuantSpec) -> str:
-    """torchao-style short name: 8da4w (int8 dynamic activations, int4 weights), 4w, 8w."""
-    if input_spec is not None and input_spec.scale_rule != "torchao":
-        return f"{input_spec.scale_rule}-{input_spec.bits}da{weight_spec.bits}w"  # llama.cpp's Q8_0 x Q4_0: "ggml-8da4w"
-    weights = f"{weight_spec.bits}w"
-    return weights if input_spec is None else f"{input_spec.bits}da{weights}"
-
-
 def _elements_per_scale(spec: QuantSpec, k: int) -> int:
     g = spec.granularity
     return g.group_size if isinstance(g, PerGroup) else k
@@ -307,6 +299,7 @@ def _manifest(module: QATGraphModule, tensors: dict[str, torch.Tensor], aliases:
             schemes.add((scheme_name(report.input_spec, report.weight_spec), json.dumps(spec_to_json(report.input_spec)), json.dumps(spec_to_json(report.weight_spec))))
         if report.quantized:
             entry.update(
+                scheme=scheme_name(report.input_spec, report.weight_spec),
                 format=report.weight_format.name,
                 group_size=_elements_per_scale(report.weight_spec, report.shape[1]),
                 activation=spec_to_json(report.input_spec),
@@ -318,7 +311,7 @@ def _manifest(module: QATGraphModule, tensors: dict[str, torch.Tensor], aliases:
     if len(schemes) == 1:
         ((scheme, activation, weight),) = schemes
         activation, weight = json.loads(activation), json.loads(weight)
-    else:  # no quantizer writes this; kept readable rather than refused
+    else:  # a MixedQuantizer's model: each layer's entry holds its own scheme and specs
         scheme, activation, weight = "mixed", None, None
     return {
         "format": FORMAT,
@@ -352,8 +345,9 @@ def load(path: PathLike, *, scheme: Union[str, Quantizer, None] = None) -> QATGr
     equal the saved model's bit for bit (any batch / sequence length it accepted).
 
     scheme: what the caller expects, refused with SerializationError if the save holds
-        something else: a name ("8da4w", "4w", "8w") or a Quantizer, whose activation and
-        weight specs (bits, group size, symmetry, eps, scale dtype) must all match.
+        something else: a name ("8da4w", "8da8w", "4w", "8w", "mixed") or a Quantizer, whose
+        activation and weight specs (bits, group size, symmetry, eps, scale dtype) must all
+        match; a MixedQuantizer is checked layer by layer.
     """
     directory = Path(path)
     manifest = read_manifest(directory)
@@ -426,6 +420,9 @@ _MANIFEST_KEYS = ("scheme", "activation", "weight", "layers", "tensors", "aliase
 
 def _check_scheme(manifest: dict, expected: Union[str, Quantizer], directory: Path) -> None:
     found = f"{manifest['scheme']} (weights {manifest['weight']}, activations {manifest['activation']})"
+    if isinstance(expected, MixedQuantizer):
+        _check_mixed_scheme(manifest, expected, directory)
+        return
     if isinstance(expected, Quantizer):
         want = (scheme_name(expected.input_spec, expected.weight_spec), spec_to_json(expected.input_spec), spec_to_json(expected.weight_spec))
         ok = want == (manifest["scheme"], manifest["activation"], manifest["weight"])
@@ -437,6 +434,40 @@ def _check_scheme(manifest: dict, expected: Union[str, Quantizer], directory: Pa
         raise SerializationError(
             f"{directory} holds a {found} model, not the expected {wanted}; load the save made with that "
             "scheme, or drop scheme= to accept what is there"
+        )
+
+
+def _check_mixed_scheme(manifest: dict, expected: MixedQuantizer, directory: Path) -> None:
+    """Each saved linear holds the specs the rule for its name gives (a layer the rules
+    leave in float must be float). Module-class rules cannot be matched from names, so
+    with one, a layer may hold the specs of any of the quantizer's schemes."""
+    by_class = any(isinstance(rule.patterns[0], type) for rule in expected.rules)
+    schemes = {
+        (spec_to_json(r.quantizer.input_spec), spec_to_json(r.quantizer.weight_spec))
+        for r in (*expected.rules, expected.default) if r.quantizer is not None
+    }
+    problems = []
+    for layer in manifest["layers"]:
+        if layer["op"] == "embedding":
+            continue
+        held = (layer.get("activation"), layer.get("weight")) if layer["quantized"] else None
+        if by_class:
+            ok = held is None or held in schemes
+            wanted = "one of the quantizer's schemes"
+        else:
+            rule = expected.rule_for([layer["name"]], None)
+            q = rule.quantizer
+            want = None if q is None else (spec_to_json(q.input_spec), spec_to_json(q.weight_spec))
+            # the rule's quantizer may itself skip a layer (its skip list, a group size)
+            ok = held == want or (held is None and layer.get("skip_reason"))
+            wanted = f"{rule}"
+        if not ok:
+            problems.append(f"{layer['name']} holds {layer.get('scheme', 'float')}, expected {wanted}")
+    if problems:
+        raise SerializationError(
+            f"{directory} does not hold what {expected!r} gives: " + "; ".join(problems[:5])
+            + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+            + "; load the save made with these rules, or drop scheme= to accept what is there"
         )
 
 

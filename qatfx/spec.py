@@ -180,6 +180,13 @@ def int4_per_group_weight(group_size: int, scale_dtype: torch.dtype = torch.floa
     return QuantSpec(4, PerGroup(group_size), symmetric=True, scale_dtype=scale_dtype)
 
 
+def int8_per_channel_weight(scale_dtype: torch.dtype = torch.float32) -> QuantSpec:
+    """int8 symmetric per-channel weights, scale = absmax / 127.5 (torchao's rule, codes in
+    [-128, 127]): the weights of torchao's Int8DynamicActivationIntxWeightConfig(weight_dtype=
+    torch.int8, weight_granularity=PerAxis(0)) and of ExecuTorch's 8da8w output layer."""
+    return QuantSpec(8, PerChannel(), symmetric=True, scale_dtype=scale_dtype)
+
+
 # Embedding tables (V, D): groups run along D, the last dim, as for any weight.
 
 
@@ -190,8 +197,9 @@ def int4_per_group_embedding(group_size: int = 32, scale_dtype: torch.dtype = to
 
 
 def int8_per_row_embedding(scale_dtype: torch.dtype = torch.float32) -> QuantSpec:
-    """int8 symmetric embedding table, one scale per row (`--embedding-quantize 8,0`)."""
-    return QuantSpec(8, PerChannel(), symmetric=True, scale_dtype=scale_dtype)
+    """int8 symmetric embedding table, one scale per row (`--embedding-quantize 8,0`); the
+    same rule as `int8_per_channel_weight`, so a tied 8da8w lm_head shares one grid."""
+    return int8_per_channel_weight(scale_dtype)
 
 
 # llama.cpp's CPU formats (docs/numerics_for_users.md, "llama.cpp's Q4_0 x Q8_0").
@@ -226,3 +234,21 @@ def q4_0_weight() -> QuantSpec:
     and eps = Q4_0_EPS, so all-zero and tiny groups quantize to 0 and small values instead
     of NaN."""
     return QuantSpec(4, PerGroup(32), symmetric=True, eps=Q4_0_EPS, scale_dtype=torch.float16)
+
+
+def q8_0_weight() -> QuantSpec:
+    """llama.cpp's Q8_0 weights (and token embeddings): the same grid as `q8_0_activation`,
+    blocks of 32 along K, codes in [-127, 127], fp16 scales d = fp16(absmax / 127). A block's
+    codes and its fp16 scale are a Q8_0 block as they are (qatfx.export.gguf writes them so)."""
+    return q8_0_activation()
+
+
+def scheme_name(input_spec: Optional[QuantSpec], weight_spec: Optional[QuantSpec]) -> str:
+    """torchao-style short name of a layer's scheme: 8da4w (int8 dynamic activations, int4
+    weights), 8da8w, 4w, 8w; "ggml-8da4w" for llama.cpp's Q8_0 x Q4_0; "float" for none."""
+    if weight_spec is None:
+        return "float"
+    if input_spec is not None and input_spec.scale_rule != TORCHAO:
+        return f"{input_spec.scale_rule}-{input_spec.bits}da{weight_spec.bits}w"
+    weights = f"{weight_spec.bits}w"
+    return weights if input_spec is None else f"{input_spec.bits}da{weights}"

@@ -16,7 +16,7 @@ from qatfx.graph.linear_sites import find_linear_sites, get_attr_value
 from qatfx.graph.meta import ANNOTATION_KEY
 from qatfx.graph.regions import graph_regions
 from qatfx.quantizer import EmbeddingAnnotation, LinearAnnotation
-from qatfx.spec import QuantSpec
+from qatfx.spec import QuantSpec, scheme_name
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,11 @@ class LayerReport:
     @property
     def quantized(self) -> bool:
         return self.skip_reason is None
+
+    @property
+    def scheme(self) -> str:
+        """The layer's scheme by torchao's short names (8da4w, 8da8w, 4w, ...), or "float"."""
+        return scheme_name(self.input_spec, self.weight_spec) if self.quantized else "float"
 
     @property
     def float_bytes(self) -> int:
@@ -77,10 +82,10 @@ class QuantizationSummary:
         return sum(r.quantized_bytes for r in self.layers)
 
     def __str__(self) -> str:
-        rows = [("layer", "op", "N x K", "activations", "weights", "bytes float", "bytes quantized", "note")]
+        rows = [("layer", "op", "N x K", "scheme", "activations", "weights", "bytes float", "bytes quantized", "note")]
         for r in self.layers:
             rows.append((
-                r.layer, r.op, f"{r.shape[0]}x{r.shape[1]}",
+                r.layer, r.op, f"{r.shape[0]}x{r.shape[1]}", r.scheme,
                 r.input_spec.describe() if r.quantized and r.input_spec else "float",
                 r.weight_spec.describe() if r.quantized else "float",
                 str(r.float_bytes), str(r.quantized_bytes),

@@ -32,7 +32,8 @@ class EmbeddingSite:
         return self.module_path or self.param_name.removesuffix(".weight")
 
 
-def _module_path(node: torch.fx.Node) -> Optional[str]:
+def module_path_of(node: torch.fx.Node) -> Optional[str]:
+    """The path of the innermost module that ran `node` (nn_module_stack), if recorded."""
     stack = node.meta.get("nn_module_stack")
     if not stack:
         return None
@@ -50,7 +51,7 @@ def find_embedding_sites(gm: torch.fx.GraphModule) -> list[EmbeddingSite]:
             continue
         if not isinstance(get_attr_value(gm, table.target), torch.nn.Parameter):
             continue
-        sites.append(EmbeddingSite(node, table, table.target, _module_path(node), _module_type(node)))
+        sites.append(EmbeddingSite(node, table, table.target, module_path_of(node), _module_type(node)))
     return sites
 
 

@@ -1,6 +1,6 @@
-"""Quantizers: policy only. A quantizer decides, for each linear site of an exported graph
-(and each embedding lookup, when given an `embedding_spec`), which specs apply (or why the
-layer is skipped) and writes that as a frozen annotation into
+"""The quantizer protocol and its annotations. A quantizer decides, for each linear site of
+an exported graph (and each embedding lookup, when given an `embedding_spec`), which specs
+apply (or why the layer is skipped) and writes that as a frozen annotation into
 `node.meta[ANNOTATION_KEY]`. Prepare and convert read annotations generically.
 """
 
@@ -18,15 +18,7 @@ from qatfx.graph.embedding_sites import EmbeddingSite, embedding_layer_name, fin
 from qatfx.graph.linear_sites import LinearSite, find_linear_sites, get_attr_value
 from qatfx.graph.meta import ANNOTATION_KEY
 from qatfx.graph.regions import layer_path, region_of
-from qatfx.spec import (
-    PerChannel,
-    PerGroup,
-    QuantSpec,
-    int4_per_group_weight,
-    int8_per_token_activation,
-    q4_0_weight,
-    q8_0_activation,
-)
+from qatfx.spec import PerGroup, QuantSpec
 
 SUPPORTED_WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -98,6 +90,15 @@ class Quantizer:
         # compared by class name: nn_module_stack records a dotted path, not the class
         self.skip_types = tuple((t if isinstance(t, str) else t.__qualname__).split(".")[-1] for t in skip_types)
 
+    @property
+    def quantizes_embeddings(self) -> bool:
+        """Whether some embedding table may be quantized (region capture then captures them)."""
+        return self.embedding_spec is not None
+
+    def warn_unmatched_rules(self, graphs, other_layers=()) -> None:
+        """Warn about rules that matched no layer (MixedQuantizer); a single-scheme
+        quantizer has none."""
+
     def __repr__(self) -> str:
         act = self.input_spec.describe() if self.input_spec else "float"
         emb = f", embeddings={self.embedding_spec.describe()}" if self.embedding_spec else ""
@@ -119,13 +120,13 @@ class Quantizer:
 
     def annotate_embedding(self, gm: torch.fx.GraphModule, site: EmbeddingSite) -> Annotation:
         layer = embedding_layer_name(gm, site)
-        reason = self._embedding_skip_reason(gm, site, layer)
+        reason = self.embedding_skip_reason(gm, site, layer)
         if reason is not None:
             return SkipAnnotation(layer, reason)
         _check_tied(gm, site, layer, self.embedding_spec)
         return EmbeddingAnnotation(layer, self.embedding_spec)
 
-    def _embedding_skip_reason(self, gm: torch.fx.GraphModule, site: EmbeddingSite, layer: str) -> Optional[str]:
+    def embedding_skip_reason(self, gm: torch.fx.GraphModule, site: EmbeddingSite, layer: str) -> Optional[str]:
         for pattern in self.skip:
             if fnmatch.fnmatchcase(layer, pattern):
                 return f"excluded by the quantizer's skip pattern {pattern!r}"
@@ -194,13 +195,21 @@ def model_layer_name(gm: torch.fx.GraphModule, site: LinearSite) -> str:
     return layer_path(region, site.param_name or site.node.name).removesuffix(".weight")
 
 
+def tied_linear(gm: torch.fx.GraphModule, site: EmbeddingSite) -> Optional[tuple[LinearSite, LinearAnnotation]]:
+    """The quantized linear (already annotated) whose weight is this embedding's table, if any."""
+    for linear in find_linear_sites(gm):
+        annotation = linear.node.meta.get(ANNOTATION_KEY)
+        if linear.param_node is site.param_node and isinstance(annotation, LinearAnnotation):
+            return linear, annotation
+    return None
+
+
 def _check_tied(gm: torch.fx.GraphModule, site: EmbeddingSite, layer: str, spec: QuantSpec) -> None:
     """A table that is also a quantized linear's weight gets one fake-quant, so both must
     quantize it the same way (same spec, groups along the same dim)."""
-    for linear in find_linear_sites(gm):
-        annotation = linear.node.meta.get(ANNOTATION_KEY)
-        if linear.param_node is not site.param_node or not isinstance(annotation, LinearAnnotation):
-            continue
+    found = tied_linear(gm, site)
+    if found is not None:
+        linear, annotation = found
         if linear.param_is_k_by_n:
             raise ValueError(
                 f"embedding {layer} is tied to {annotation.layer}, which reads the table transposed (groups would "
@@ -213,92 +222,3 @@ def _check_tied(gm: torch.fx.GraphModule, site: EmbeddingSite, layer: str, spec:
                 "linear's spec as embedding_spec (e.g. int4_per_group_embedding(group_size, scale_dtype) with "
                 "the linear's group size and scales_precision), skip one of them, or untie the weights"
             )
-
-
-class Int8DynActInt4WeightQuantizer(Quantizer):
-    """8da4w: int8 dynamic per-token asymmetric activations, int4 symmetric per-group
-    weights; numerically identical to torchao's Int8DynActInt4WeightQATQuantizer.
-
-    group_size: weight group size along the input dim (torchao's default 256).
-    scales_precision: dtype of the weight scales (float32, or bfloat16 to save bytes).
-    embedding_spec: see `Quantizer` (None: embeddings stay in float).
-    legacy_eps: see `qatfx.spec.int8_per_token_activation`.
-    """
-
-    def __init__(
-        self,
-        group_size: int = 256,
-        *,
-        scales_precision: torch.dtype = torch.float32,
-        legacy_eps: bool = True,
-        skip: Iterable[str] = (),
-        skip_types: Iterable[Union[str, type]] = (),
-        embedding_spec: Optional[QuantSpec] = None,
-    ) -> None:
-        super().__init__(
-            int8_per_token_activation(legacy_eps=legacy_eps),
-            int4_per_group_weight(group_size, scales_precision),
-            skip=skip,
-            skip_types=skip_types,
-            embedding_spec=embedding_spec,
-        )
-        self.group_size = group_size
-
-
-class Int8WeightOnlyQuantizer(Quantizer):
-    """int8 symmetric per-channel weights, float activations."""
-
-    def __init__(self, *, skip: Iterable[str] = (), skip_types: Iterable[Union[str, type]] = ()) -> None:
-        super().__init__(None, QuantSpec(8, PerChannel(), symmetric=True), skip=skip, skip_types=skip_types)
-
-
-class Int4WeightOnlyQuantizer(Quantizer):
-    """int4 symmetric per-group weights, float activations."""
-
-    def __init__(
-        self,
-        group_size: int = 128,
-        *,
-        scales_precision: torch.dtype = torch.float32,
-        skip: Iterable[str] = (),
-        skip_types: Iterable[Union[str, type]] = (),
-        embedding_spec: Optional[QuantSpec] = None,
-    ) -> None:
-        super().__init__(
-            None, int4_per_group_weight(group_size, scales_precision), skip=skip, skip_types=skip_types,
-            embedding_spec=embedding_spec,
-        )
-        self.group_size = group_size
-
-
-class LlamaCppQuantizer(Quantizer):
-    """Trains on llama.cpp's CPU arithmetic for Q4_0 weights x Q8_0 activations.
-
-    Weights: `spec.q4_0_weight()`, torchao's symmetric int4 rule in groups of 32 along K
-    with fp16 scales; a group's codes + 8 and its scale are a Q4_0 block as they are
-    (qatfx.export.gguf writes them so; llama-quantize would recompute them from floats).
-    Activations: `spec.q8_0_activation()`, what llama.cpp does to a linear's input before
-    its Q4_0 x Q8_0 dot product (ggml quantize_row_q8_0, x86 AVX/AVX2 path): per block
-    of 32 along K, d = absmax / 127 stored as fp16(d), codes round-half-even(x * (127 /
-    absmax)) in [-127, 127], values codes * fp16(d) (scale_rule="ggml"). Codes and scales
-    are llama.cpp's bit for bit in float32 models. ARM NEON and the scalar reference
-    (quantize_row_q8_0_ref) round x * (1 / d) instead, the reference half away from zero,
-    so there a code can differ by one at ulp-level ties. In a bfloat16 model the rule runs
-    in bfloat16 (the multiplier and x * m), so codes are not llama.cpp's float32 ones.
-
-    Layers whose in_features is not a multiple of 32 are skipped (both grids need whole
-    blocks), as are those named by skip / skip_types. embedding_spec: see `Quantizer`; a
-    table tied to a quantized linear needs `spec.q4_0_weight()`.
-    """
-
-    def __init__(
-        self,
-        *,
-        skip: Iterable[str] = (),
-        skip_types: Iterable[Union[str, type]] = (),
-        embedding_spec: Optional[QuantSpec] = None,
-    ) -> None:
-        super().__init__(
-            q8_0_activation(), q4_0_weight(), skip=skip, skip_types=skip_types, embedding_spec=embedding_spec
-        )
-        self.group_size = 32
