@@ -154,3 +154,19 @@ def test_bfloat16_model():
     # 3.2e-3 relative RMS); 1e-2 is 2.5 ulps and fails on any real error.
     rel = ((out.float() - expected.float()).norm() / expected.float().norm()).item()
     assert rel < 1e-2, f"compiled bf16 output differs from eager by {rel:.2e} relative RMS"
+
+
+def test_mixed_schemes_lower_each_layer_by_its_own_format():
+    """executorch_llama: the 8da4w body takes the fused kernel, the 8da8w lm_head (int8
+    per-channel codes, no kernel) is decomposed into aten math; tied, the embedding reads
+    the lm_head's int8 table through the same decomposition."""
+    x = tokens(2, 8)
+    torch.manual_seed(0)
+    prepared = qatfx.prepare_pt2e(TinyLM(tie=False).eval(), qatfx.presets.executorch_llama(), (x,))
+    expected, out, code = compile_and_run(qatfx.convert_pt2e(prepared).eval(), x, backend="qatfx")
+    fused = counters["qatfx"]["w4a8_linear"] + counters["qatfx"]["w4a8_linear_bias"]
+    assert fused == 14  # 2 blocks x 7 linears; lm_head is not int4
+    assert counters["qatfx"]["decompose_int_codes"] >= 2  # the lm_head and the embedding tables
+    assert_matches_eager(out, expected)
+    for leftover in (".dequantize.default(", ".dequantize_int4.default("):
+        assert leftover not in code
