@@ -442,10 +442,10 @@ def _check_mixed_scheme(manifest: dict, expected: MixedQuantizer, directory: Pat
     leave in float must be float). Module-class rules cannot be matched from names, so
     with one, a layer may hold the specs of any of the quantizer's schemes."""
     by_class = any(isinstance(rule.patterns[0], type) for rule in expected.rules)
-    schemes = {
+    schemes = [
         (spec_to_json(r.quantizer.input_spec), spec_to_json(r.quantizer.weight_spec))
         for r in (*expected.rules, expected.default) if r.quantizer is not None
-    }
+    ]
     problems = []
     for layer in manifest["layers"]:
         if layer["op"] == "embedding":
@@ -460,13 +460,14 @@ def _check_mixed_scheme(manifest: dict, expected: MixedQuantizer, directory: Pat
             want = None if q is None else (spec_to_json(q.input_spec), spec_to_json(q.weight_spec))
             # the rule's quantizer may itself skip a layer (its skip list, a group size)
             ok = held == want or (held is None and layer.get("skip_reason"))
-            wanted = f"{rule}"
+            wanted = f"{rule}" + ("" if want is None else f" (activations {want[0]}, weights {want[1]})")
         if not ok:
-            problems.append(f"{layer['name']} holds {layer.get('scheme', 'float')}, expected {wanted}")
+            holds = "float" if held is None else f"{layer.get('scheme', '')} (activations {held[0]}, weights {held[1]})"
+            problems.append(f"{layer['name']} holds {holds}, expected {wanted}")
     if problems:
         raise SerializationError(
-            f"{directory} does not hold what {expected!r} gives: " + "; ".join(problems[:5])
-            + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+            f"{directory} does not hold what {expected!r} gives: " + "; ".join(problems[:3])
+            + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
             + "; load the save made with these rules, or drop scheme= to accept what is there"
         )
 

@@ -313,3 +313,45 @@ def test_manifest_names_each_layers_weight_format_and_load_refuses_an_unknown_on
     (copy_of / MANIFEST_FILE).write_text(json.dumps(manifest))
     with pytest.raises(qatfx.SerializationError, match=r"unknown qatfx weight format 'nf4'.*qatfx version that saved it"):
         qatfx.load(copy_of)
+
+
+# ---- per-layer schemes ----------------------------------------------------------------------
+
+
+def test_mixed_schemes_save_each_layers_scheme_and_load_exactly(tmp_path):
+    torch.manual_seed(0)
+    model = converted_lm(qatfx.presets.executorch_llama(), tie=True)
+    directory = qatfx.save(model, tmp_path / "mixed")
+    data = manifest(directory)
+    assert data["scheme"] == "mixed" and data["activation"] is None and data["weight"] is None
+    by_name = {layer["name"]: layer for layer in data["layers"]}
+    assert by_name["lm_head"]["scheme"] == "8da8w" and by_name["lm_head"]["format"] == "int_codes"
+    assert by_name["blocks.0.q_proj"]["scheme"] == "8da4w" and by_name["blocks.0.q_proj"]["format"] == "int4_packed"
+    assert by_name["embed"]["tied_to"] == "lm_head"
+    loaded = qatfx.load(directory, scheme=qatfx.presets.executorch_llama())
+    assert [r.scheme for r in qatfx.summary(loaded).layers] == [r.scheme for r in qatfx.summary(model).layers]
+    t = tokens(3, 9, seed=1)
+    with torch.no_grad():
+        assert torch.equal(loaded(t), model(t))
+    # other rules are refused layer by layer, naming the rule
+    body = Q(32, scales_precision=torch.bfloat16)
+    with pytest.raises(qatfx.SerializationError, match=r"gives: lm_head holds 8da8w \(.*\), expected the default \(8da4w\)") as info:
+        qatfx.load(directory, scheme=qatfx.MixedQuantizer([], default=body))
+    assert "blocks" not in str(info.value).split("gives:")[1]  # only the layer that differs
+    with pytest.raises(qatfx.SerializationError, match="blocks.0.down_proj holds 8da4w .* expected rule 0"):
+        qatfx.load(directory, scheme=qatfx.MixedQuantizer([("*.down_proj", None)], default=body))
+    with pytest.raises(qatfx.SerializationError, match="holds a mixed"):
+        qatfx.load(directory, scheme="8da4w")
+
+
+def test_a_save_whose_layers_name_no_scheme_still_loads(copy_of, saved):
+    """Saves made before per-layer schemes: the layer entries have specs but no "scheme"."""
+    data = manifest(copy_of)
+    for layer in data["layers"]:
+        layer.pop("scheme", None)
+    write_manifest(copy_of, data)
+    loaded = qatfx.load(copy_of, scheme=Q(32))
+    assert {r.scheme for r in qatfx.summary(loaded).quantized} == {"8da4w"}
+    t = tokens(2, 8, seed=2)
+    with torch.no_grad():
+        assert torch.equal(loaded(t), saved[0](t))
