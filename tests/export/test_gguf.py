@@ -254,3 +254,53 @@ def test_missing_gguf_names_the_extra(monkeypatch, llama_style):
     monkeypatch.setattr(builtins, "__import__", no_gguf)
     with pytest.raises(ExportError, match=r"pip install -e '\.\[gguf\]'"):
         gguf(llama_style[1], "unused.gguf", config=LLAMA_STYLE)
+
+
+# ---- per-layer schemes ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+def test_llama_cpp_preset_writes_q4_0_body_and_q8_0_output_and_embeddings_from_the_trained_codes(tmp_path, tie):
+    """llama_cpp_q4_0: every body linear Q4_0, output.weight and token_embd.weight Q8_0, all
+    from convert's codes and fp16 scales (d = s per block of 32), read back bit for bit."""
+    config = LMConfig(vocab_size=96, dim=64, layers=2, heads=4, kv_heads=2, hidden=128, tie_embeddings=tie)
+    torch.manual_seed(1)
+    prepared = qatfx.prepare_pt2e(CausalLM(config), qatfx.presets.llama_cpp_q4_0(), (tokens(2, 8, 96),)).train()
+    qat_steps(prepared, 96)
+    converted = qatfx.convert_pt2e(prepared.eval())
+    report = gguf(converted, tmp_path / "mixed.gguf", config=config)
+    types = report.tensor_types
+    assert sum(t == "Q4_0" for t in types.values()) == 14 and types["token_embd.weight"] == "Q8_0"
+    assert report.rounded == {} and report.verified == len(types)  # every tensor exact, the Q8_0 ones too
+    if tie:
+        assert "output.weight" not in types  # llama.cpp reads the tied table for the output
+        assert report.quantized_layers == 15  # 14 body linears + the shared table
+    else:
+        assert types["output.weight"] == "Q8_0" and report.quantized_layers == 16
+    reader = gguf_package.GGUFReader(str(report.path))
+    table = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    weight = converted_tensors(converted).quantized["embed.weight" if not tie else "lm_head.weight"]
+    assert torch.equal(_dequantized(table.data, table.tensor_type, weight.shape), weight.dequantized())
+    assert not any("LlamaCppQuantizer" in d for d in report.differences)  # Q8_0 activations trained as llama.cpp runs them
+
+
+def test_per_channel_int8_layers_are_q8_0_when_their_scales_are_fp16_values(tmp_path):
+    """An 8da8w lm_head has one scale per row: each of the row's blocks of 32 gets d = s, exact
+    when s is an fp16 value. With float32 scales (executorch_llama's) the export names the
+    layers; allow_rounding keeps the codes and rounds the scales."""
+    config = LMConfig(vocab_size=96, dim=64, layers=1, heads=4, hidden=128)
+    fp16_head = qatfx.MixedQuantizer(
+        [("lm_head", qatfx.Int8DynActInt8WeightQuantizer(scales_precision=torch.float16))], default=FP16_8DA4W
+    )
+    model = CausalLM(config)
+    converted = qatfx.convert_pt2e(qatfx.prepare_pt2e(model, fp16_head, (tokens(2, 8, 96),)).eval())
+    report = gguf(converted, tmp_path / "q8.gguf", config=config)
+    assert report.tensor_types["output.weight"] == "Q8_0" and report.rounded == {}
+    assert report.verified == len(report.tensor_types) - 1  # all but the float embedding table, stored Q8_0 by choice
+
+    converted = qatfx.convert_pt2e(qatfx.prepare_pt2e(model, qatfx.presets.executorch_llama(), (tokens(2, 8, 96),)).eval())
+    with pytest.raises(ExportError, match=r"(?s)embed\.weight: 96 of 96 float32 scales are not fp16 values.*lm_head\.weight: 96 of 96"):
+        gguf(converted, tmp_path / "et.gguf", config=config)
+    assert not (tmp_path / "et.gguf").exists()
+    report = gguf(converted, tmp_path / "et.gguf", config=config, allow_rounding=True)
+    assert "codes kept, scales rounded to fp16" in report.rounded["output.weight"][0]
