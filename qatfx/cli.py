@@ -21,6 +21,8 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from qatfx.presets import PRESETS as PRESET_NAMES
+
 
 def _positive_int(value: str) -> int:
     number = int(value)
@@ -48,6 +50,16 @@ def _patterns(value: str) -> tuple:
     if not patterns:
         raise argparse.ArgumentTypeError(f"{value!r}: give comma-separated layer name patterns, e.g. '*.q_proj,*.v_proj'")
     return patterns
+
+
+def _rows(value: str) -> tuple:
+    from qatfx.recipes.demo import SCHEMES
+
+    rows = tuple(r.strip() for r in value.split(",") if r.strip())
+    unknown = [r for r in rows if r not in SCHEMES]
+    if unknown or not rows:
+        raise argparse.ArgumentTypeError(f"{value!r}: choose comma-separated rows from: {'; '.join(SCHEMES)}")
+    return rows
 
 
 def _lora_options(args: argparse.Namespace) -> dict:
@@ -82,6 +94,9 @@ def _parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="QAT vs PTQ on an embedded corpus, with a float control")
     demo.add_argument("--preset", choices=("tiny", "default", "full"), default="default")
     demo.add_argument("--seeds", type=_positive_int, default=1, help="fine-tuning seeds; reports mean and spread")
+    demo.add_argument("--rows", type=_rows, default=None, metavar="ROWS",
+                      help="comma-separated table rows instead of the preset's, e.g. \"int4 g32,llama_cpp_q4_0 preset\" "
+                      "(a wrong name lists them)")
     demo.add_argument("--text", type=Path, help="your own UTF-8 text file instead of the embedded corpus")
     demo.add_argument("--out", type=Path, default=Path("qatfx_demo"), help="report directory (default: qatfx_demo)")
     demo.add_argument("--cache-dir", type=Path, help="corpus and float-model cache (default: $QATFX_CACHE_DIR or ~/.cache/qatfx)")
@@ -93,7 +108,10 @@ def _parser() -> argparse.ArgumentParser:
     finetune.add_argument("--model", required=True, help="a transformers checkpoint directory, or builtin:charlm")
     finetune.add_argument("--text", type=Path, required=True, help="UTF-8 text file (last 5%% held out for test)")
     finetune.add_argument("--out", type=Path, required=True, help="output directory: the converted model (qatfx.save format), its tokenizer, the report")
-    finetune.add_argument("--group-size", type=_positive_int, default=32)
+    finetune.add_argument("--preset", choices=tuple(PRESET_NAMES), default=None,
+                          help="a per-layer deploy scheme from qatfx.presets instead of 8da4w everywhere "
+                          "(--group-size applies where the preset takes one)")
+    finetune.add_argument("--group-size", type=_positive_int, default=None, help="weight group size (default 32; a preset's own)")
     finetune.add_argument("--scales-precision", choices=("float32", "bfloat16"), default="float32",
                           help="weight scale dtype; bfloat16 exports without rounding to ExecuTorch, GGUF and HF (bf16)")
     finetune.add_argument("--steps", type=_positive_int, default=100)
@@ -269,7 +287,7 @@ def _run(args: argparse.Namespace) -> int:
         from qatfx.recipes.report import markdown_report, write_report
 
         result = run_demo(args.preset, args.seeds, args.text, args.cache_dir, export_dir=None if args.no_export else args.out,
-                          export_formats=args.export)
+                          export_formats=args.export, rows=args.rows)
         paths = write_report(result, args.out)
         sys.stdout.write(markdown_report(result) + "\n" + "\n".join(f"{k}: {p}" for k, p in paths.items()) + "\n")
         return 0
@@ -277,7 +295,7 @@ def _run(args: argparse.Namespace) -> int:
         from qatfx.recipes.finetune import FinetuneOptions, finetune
 
         options = FinetuneOptions(
-            model=args.model, text=args.text, out=args.out, group_size=args.group_size,
+            model=args.model, text=args.text, out=args.out, group_size=args.group_size, preset=args.preset,
             scales_precision=args.scales_precision, steps=args.steps,
             lr=args.lr, fake_quant_after=args.fake_quant_after, batch_size=args.batch_size, seq_len=args.seq_len,
             compile=not args.eager, lora_rank=args.lora_rank,

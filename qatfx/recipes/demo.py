@@ -27,7 +27,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -37,21 +37,25 @@ from qatfx.recipes.corpus import CharTokenizer, corpus_text, default_cache_dir, 
 from qatfx.recipes.deploy import DeployResult, export_and_time, export_files
 from qatfx.recipes.model import CausalLM, LMConfig, parameter_count
 from qatfx.recipes.train import TrainConfig, perplexity, train
-from qatfx.spec import PerChannel, PerGroup, QuantSpec, int8_per_token_activation
+from qatfx.spec import PerChannel, PerGroup, QuantSpec, int4_per_group_embedding, int8_per_token_activation
 
 log = logging.getLogger("qatfx.recipes")
 
 
 @dataclass(frozen=True)
 class Scheme:
-    """One table row: weight bits and granularity (activations are always int8 per token)."""
+    """One table row: weight bits and granularity (activations are always int8 per token),
+    or a quantizer of its own (`make`: a per-layer preset, embeddings too)."""
 
     name: str
     bits: int
     group_size: Optional[int]  # None: one scale per output channel
     lora_mode: Optional[str] = None  # a QAT+LoRA row: adapters in this qatfx.LoRA mode, base frozen
+    make: Optional[Callable[[], qatfx.Quantizer]] = None
 
     def quantizer(self) -> qatfx.Quantizer:
+        if self.make is not None:
+            return self.make()
         granularity = PerChannel() if self.group_size is None else PerGroup(self.group_size)
         return qatfx.Quantizer(int8_per_token_activation(), QuantSpec(self.bits, granularity, symmetric=True))
 
@@ -66,7 +70,16 @@ LORA_RANK = 8
 LORA_TARGETS = ("*.q_proj", "*.v_proj", "*.o_proj", "*.gate_proj", "*.up_proj", "*.down_proj")
 
 
+def _int4_everywhere() -> qatfx.Quantizer:
+    return qatfx.Int8DynActInt4WeightQuantizer(32, embedding_spec=int4_per_group_embedding(32))
+
+
 DEPLOYED_SCHEME = "int4 g32"  # what XNNPACK runs: int8 x int4 per group
+# The rows that compare per-layer choices: every table int4 against the presets that keep
+# the output projection and the embeddings at 8 bits (qatfx.presets)
+EVERYWHERE_SCHEME = "int4 g32 everywhere (+ int4 g32 embeddings)"
+EXECUTORCH_PRESET = "executorch_llama preset"
+LLAMA_CPP_PRESET = "llama_cpp_q4_0 preset"
 SCHEMES = {
     s.name: s
     for s in (
@@ -77,6 +90,9 @@ SCHEMES = {
         Scheme("int3 per-channel", 3, None),
         Scheme(f"int4 g32 QAT+LoRA (r={LORA_RANK})", 4, 32, lora_mode="merge_consistent"),
         Scheme(f"int4 g32 QAT+LoRA (r={LORA_RANK}, torchtune)", 4, 32, lora_mode="torchtune"),
+        Scheme(EVERYWHERE_SCHEME, 4, 32, make=_int4_everywhere),
+        Scheme(EXECUTORCH_PRESET, 4, 32, make=qatfx.presets.executorch_llama),
+        Scheme(LLAMA_CPP_PRESET, 4, 32, make=qatfx.presets.llama_cpp_q4_0),
     )
 }
 LORA_SCHEMES = tuple(name for name, s in SCHEMES.items() if s.lora_mode)
@@ -112,14 +128,14 @@ PRESETS = {
         dict(dim=128, layers=4, heads=4, hidden=384, max_seq=128),
         TrainConfig(steps=500, batch_size=16, seq_len=128, lr=3e-3, warmup_steps=30),
         finetune_steps=100, finetune_lr=3e-4, eval_chars=32_768,
-        schemes=("int4 g32", "int4 per-channel", "int3 per-channel", *LORA_SCHEMES),
+        schemes=("int4 g32", EXECUTORCH_PRESET, "int4 per-channel", "int3 per-channel", *LORA_SCHEMES),
     ),
     # `--preset full`: 3.4M parameters, longer training, every row incl. g256.
     "full": Preset(
         dict(dim=256, layers=4, heads=8, hidden=768, max_seq=256),
         TrainConfig(steps=3000, batch_size=32, seq_len=256, lr=2e-3, warmup_steps=100),
         finetune_steps=500, finetune_lr=5e-4, eval_chars=131_072,
-        schemes=("int4 g32", "int4 g128", "int4 g256", "int4 per-channel", "int3 per-channel", *LORA_SCHEMES),
+        schemes=("int4 g32", EXECUTORCH_PRESET, "int4 g128", "int4 g256", "int4 per-channel", "int3 per-channel", *LORA_SCHEMES),
     ),
 }
 
@@ -148,6 +164,7 @@ class DemoResult:
     curves: dict[str, list[float]]
     seconds: float
     deploy: Optional[DeployResult] = None
+    preset_deploy: Optional[DeployResult] = None  # the executorch_llama preset row's .pte, verified
     file_exports: dict = field(default_factory=dict)  # format -> the export report's lines
 
 
@@ -202,11 +219,19 @@ def run_demo(
     cache_dir: Optional[Path] = None,
     export_dir: Optional[Path] = None,
     export_formats: tuple = ("executorch",),
+    rows: Optional[tuple[str, ...]] = None,
 ) -> DemoResult:
     """export_dir: write the int4 g32 QAT model there (the deploy step) in `export_formats`
-    ("executorch": a timed `.pte`; "gguf": a verified file); None skips it."""
+    ("executorch": a timed `.pte`; "gguf": a verified file), and the executorch_llama preset
+    row's model as a verified `.pte`; None skips it. rows: the table's rows (SCHEMES names)
+    instead of the preset's."""
     started = time.perf_counter()
     preset = PRESETS[preset_name]
+    if rows is not None:
+        unknown = [name for name in rows if name not in SCHEMES]
+        if unknown:
+            raise ValueError(f"unknown demo row(s) {unknown}; choose from {list(SCHEMES)}")
+        preset = replace(preset, schemes=tuple(rows))
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     text, source = corpus_text(text_path, cache_dir)
     splits = split_text(text)
@@ -221,6 +246,7 @@ def run_demo(
     rows = {name: RowResult(name) for name in preset.schemes}
     curves = {"float pretraining": pretrain_curve}
     example = _example_tokens(config.vocab_size)
+    deployed = {}  # scheme -> (its last converted model, that seed's control)
     for seed in range(seeds):
         finetune = TrainConfig(
             steps=preset.finetune_steps, batch_size=preset.pretrain.batch_size, seq_len=seq,
@@ -244,19 +270,21 @@ def run_demo(
             row.qat_ppl.append(perplexity(converted, test_tokens, seq, desc=f"eval QAT converted {name}"))
             _check_contract(scheme, row)
             row.converted_bytes = _module_bytes(converted)
-            if name == DEPLOYED_SCHEME:
-                deployed_pair = (converted, control)
-    deploy, file_exports = None, {}
-    if export_dir is not None and DEPLOYED_SCHEME in preset.schemes:
+            if name in (DEPLOYED_SCHEME, EXECUTORCH_PRESET):
+                deployed[name] = (converted, control)
+    deploy, preset_deploy, file_exports = None, None, {}
+    if export_dir is not None and DEPLOYED_SCHEME in deployed:
         if "executorch" in export_formats:
-            deploy = export_and_time(DEPLOYED_SCHEME, *deployed_pair, example, Path(export_dir))
+            deploy = export_and_time(DEPLOYED_SCHEME, *deployed[DEPLOYED_SCHEME], example, Path(export_dir))
         files = [f for f in export_formats if f != "executorch"]
-        file_exports = export_files(files, deployed_pair[0], config, tokenizer.chars, Path(export_dir))
+        file_exports = export_files(files, deployed[DEPLOYED_SCHEME][0], config, tokenizer.chars, Path(export_dir))
+    if export_dir is not None and EXECUTORCH_PRESET in deployed and "executorch" in export_formats:
+        preset_deploy = export_and_time(EXECUTORCH_PRESET, *deployed[EXECUTORCH_PRESET], example, Path(export_dir), "executorch_llama.pte")
     return DemoResult(
         preset=preset_name, seeds=list(range(seeds)), corpus=source, model=config.to_dict(),
         parameters=parameter_count(base), float_bytes=_module_bytes(base), float_ppl=float_ppl,
         rows=list(rows.values()), curves=curves, seconds=time.perf_counter() - started, deploy=deploy,
-        file_exports=file_exports,
+        preset_deploy=preset_deploy, file_exports=file_exports,
     )
 
 

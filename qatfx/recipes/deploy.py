@@ -39,7 +39,10 @@ def _rate(forward, window: tuple, seconds: float = 2.0) -> float:
     return calls * window[0] / (time.perf_counter() - started)
 
 
-def export_and_time(scheme: str, converted: torch.nn.Module, float_model: torch.nn.Module, example: torch.Tensor, out_dir: Path) -> Optional[DeployResult]:
+def export_and_time(
+    scheme: str, converted: torch.nn.Module, float_model: torch.nn.Module, example: torch.Tensor, out_dir: Path,
+    file_name: str = "qat.pte",
+) -> Optional[DeployResult]:
     """None (with the reason logged) when the executorch extra is not installed."""
     try:
         import qatfx.export
@@ -54,7 +57,7 @@ def export_and_time(scheme: str, converted: torch.nn.Module, float_model: torch.
     with torch.no_grad():
         float_rate = _rate(lambda: float_model(example), tuple(example.shape))
     try:
-        report = qatfx.export.executorch(converted, out_dir / "qat.pte")
+        report = qatfx.export.executorch(converted, out_dir / file_name)
     except qatfx.export.ExportError as exc:
         log.warning("qatfx demo: skipping the ExecuTorch step: %s", exc)
         return None

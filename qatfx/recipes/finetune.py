@@ -22,7 +22,9 @@ It writes to --out:
 from __future__ import annotations
 
 import copy
+import inspect
 import json
+from collections import Counter
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -175,7 +177,8 @@ class FinetuneOptions:
     model: str
     text: Path
     out: Path
-    group_size: int = 32
+    group_size: Optional[int] = None  # None: 32, or the preset's own
+    preset: Optional[str] = None  # a qatfx.presets name: per-layer schemes instead of 8da4w everywhere
     # the weight scales' dtype: bfloat16 is the grid ExecuTorch stores and GGUF (fp16) and a
     # bf16 checkpoint hold exactly; float32 (torchao's default) is rounded by all three
     scales_precision: str = "float32"
@@ -192,7 +195,30 @@ class FinetuneOptions:
     lora_mode: str = "merge_consistent"
     lora_targets: tuple[str, ...] = LORA_TARGETS
 
+    def quantizer(self) -> qatfx.Quantizer:
+        if self.preset is None:
+            return qatfx.Int8DynActInt4WeightQuantizer(self.weight_group_size(), scales_precision=getattr(torch, self.scales_precision))
+        make = qatfx.presets.PRESETS[self.preset]
+        return make() if self.group_size is None else make(group_size=self.group_size)
+
+    def weight_group_size(self) -> int:
+        """The body's group size: --group-size, else the preset's default, else 32."""
+        if self.group_size is not None:
+            return self.group_size
+        if self.preset is None:
+            return 32
+        default = inspect.signature(qatfx.presets.PRESETS[self.preset]).parameters.get("group_size")
+        return default.default if default is not None else 32
+
     def check(self) -> None:
+        if self.preset is not None:
+            if self.preset not in qatfx.presets.PRESETS:
+                raise ValueError(f"unknown preset {self.preset!r}; choose one of {', '.join(qatfx.presets.PRESETS)}")
+            takes_group = "group_size" in inspect.signature(qatfx.presets.PRESETS[self.preset]).parameters
+            if self.group_size is not None and not takes_group:
+                raise ValueError(f"--preset {self.preset} fixes its group size (32, llama.cpp's blocks); drop --group-size")
+            if self.scales_precision != "float32":
+                raise ValueError(f"--preset {self.preset} fixes its scales' dtypes (qatfx.presets.{self.preset}); drop --scales-precision")
         if not 0 <= self.fake_quant_after < self.steps:
             raise ValueError(
                 f"--fake-quant-after {self.fake_quant_after} must be in [0, --steps {self.steps}): "
@@ -223,11 +249,11 @@ def finetune(options: FinetuneOptions) -> dict:
     text = load_text(options.text)
     splits = split_text(text)
     loaded = load_model(options.model, splits.train)
-    check_group_size(loaded, options.group_size)
+    check_group_size(loaded, options.weight_group_size())
     check_seq_len(options.seq_len, loaded.max_positions)
     encode = loaded.tokenizer.encode
     train_tokens, test_tokens = encode(splits.train), encode(splits.test)
-    quantizer = qatfx.Int8DynActInt4WeightQuantizer(options.group_size, scales_precision=getattr(torch, options.scales_precision))
+    quantizer = options.quantizer()
     example = train_tokens[: 2 * 16].view(2, 16)
     seq = options.seq_len
     config = TrainConfig(steps=options.steps, batch_size=options.batch_size, seq_len=seq, lr=options.lr,
@@ -271,6 +297,7 @@ def finetune(options: FinetuneOptions) -> dict:
     report = {"options": {k: str(v) for k, v in asdict(options).items()}, "test_tokens": test_tokens.numel(),
               "trainable_parameters": sum(p.numel() for p in qat.parameters() if p.requires_grad),
               "peft_adapter": adapter,
+              "layer_schemes": dict(Counter(r.scheme for r in qatfx.summary(qat).layers)),
               "test_perplexity": ppl, "recovered": recovered(ppl["float_control"], ppl["ptq"], ppl["qat_converted"]),
               "train_loss": curves}
     (out / "report.json").write_text(json.dumps(report, indent=2))
@@ -384,8 +411,7 @@ def _markdown(options: FinetuneOptions, report: dict) -> str:
     lines = [
         f"# qatfx finetune: {options.model}", "",
         f"- text: {options.text}; train: the first 90%, test: the last 5% ({report['test_tokens']:,} tokens)",
-        f"- 8da4w (int8 per-token activations, int4 weights in groups of {options.group_size}, {options.scales_precision} "
-        f"scales); {options.steps} steps, "
+        f"- {_scheme_text(options, report)}; {options.steps} steps, "
         f"lr {options.lr}, batch {options.batch_size} x {options.seq_len} tokens, seed {options.seed}, "
         f"fake-quant after {options.fake_quant_after} steps",
         *_lora_lines(options, report),
@@ -405,6 +431,14 @@ def _markdown(options: FinetuneOptions, report: dict) -> str:
         f"QAT recovers: {'n/a (PTQ lost nothing)' if share is None else f'{100 * share:.0f}%'} of PTQ's loss.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _scheme_text(options: FinetuneOptions, report: dict) -> str:
+    if options.preset is None:
+        return (f"8da4w (int8 per-token activations, int4 weights in groups of {options.weight_group_size()}, "
+                f"{options.scales_precision} scales)")
+    layers = ", ".join(f"{n} {scheme}" for scheme, n in report["layer_schemes"].items())
+    return f"preset {options.preset} (qatfx.presets; group size {options.weight_group_size()}): {layers}"
 
 
 def _lora_lines(options: FinetuneOptions, report: dict) -> list:

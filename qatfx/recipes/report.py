@@ -11,7 +11,16 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from qatfx.recipes.demo import DEPLOYED_SCHEME, SCHEMES, DemoResult, mean_and_spread, recovered
+from qatfx.recipes.demo import (
+    DEPLOYED_SCHEME,
+    EVERYWHERE_SCHEME,
+    EXECUTORCH_PRESET,
+    LLAMA_CPP_PRESET,
+    SCHEMES,
+    DemoResult,
+    mean_and_spread,
+    recovered,
+)
 
 
 def _fmt(values: list[float]) -> str:
@@ -76,16 +85,28 @@ def markdown_report(result: DemoResult) -> str:
         "- QAT recovers: (PTQ - QAT) / (PTQ - control), per seed, then averaged; \"within noise\" where PTQ's "
         f"loss is under {NOISE_SIGMAS} seed standard deviations of the fine-tuned perplexity (one seed: the spread is unknown)",
         _contract_line(result),
-        "- bytes: the converted model's tensors (packed int4 two per byte with fp32 scales; int3 codes are kept one per "
-        "byte, qatfx packs only int4; embeddings and norms stay float)",
+        "- bytes: the converted model's tensors (packed int4 two per byte with fp32 scales; int3 and int8 codes are kept "
+        "one per byte, qatfx packs only int4; embeddings and norms stay float unless the row quantizes them)",
+        *_preset_lines(result),
         f"- run time: {result.seconds:.0f} s",
         "",
         markdown_table(result),
         "",
         *_lora_lines(result),
         *_deploy_lines(result.deploy),
+        *_deploy_lines(result.preset_deploy),
         *_file_export_lines(result.file_exports),
     ])
+
+
+def _preset_lines(result: DemoResult) -> list:
+    """What each per-layer row quantizes how (qatfx.presets)."""
+    notes = {
+        EVERYWHERE_SCHEME: "every linear 8da4w g32 and the embedding table int4 g32",
+        EXECUTORCH_PRESET: "ExecuTorch's Llama QAT recipe: 8da4w g32 (bf16 scales) body, 8da8w output, int8 per-row embeddings",
+        LLAMA_CPP_PRESET: "llama.cpp's Q4_0 body (Q8_0 activations), Q8_0 output and token embeddings",
+    }
+    return [f"- {row.scheme}: {notes[row.scheme]}" for row in result.rows if row.scheme in notes]
 
 
 def _contract_line(result: DemoResult) -> str:
@@ -121,7 +142,7 @@ def _deploy_lines(deploy) -> list:
     return [
         f"## Deployed: {deploy.scheme} QAT model as an ExecuTorch program (XNNPACK)",
         "",
-        f"- .pte: {deploy.pte_bytes / 1e6:.2f} MB, {deploy.delegated} int4 linears delegated; verified against the converted "
+        f"- .pte: {deploy.pte_bytes / 1e6:.2f} MB, {deploy.delegated} quantized linears delegated; verified against the converted "
         f"model: relative logit error {deploy.relative_error:.2e}, next-token agreement {deploy.next_token_agreement:.1%}",
         f"- next tokens per second, each forward reading a {batch} x {tokens} token window (no KV cache), this CPU: "
         f"float model in eager torch {deploy.float_tokens_per_s:.0f}, .pte {deploy.pte_tokens_per_s:.0f} "

@@ -169,3 +169,34 @@ def test_finetune_with_lora_adapters(tmp_path, text_file, capsys, mode):
 def test_finetune_then_eval_every_family(tmp_path, text_file, capsys, family):
     report, out = finetune_and_eval(tmp_path, text_file, save_checkpoint(family, tmp_path / family))
     check_output(tmp_path, text_file, report, out, capsys)
+
+
+@pytest.mark.long  # ~45 s on 2 cores; the option checks below are in the default run
+def test_finetune_with_the_executorch_preset(tmp_path, text_file, capsys):
+    """--preset: per-layer schemes (8da4w body, 8da8w lm_head); the saved model holds them
+    and scores what trained (check_output checks the contract)."""
+    checkpoint = save_checkpoint("hf_llama", tmp_path / "llama")
+    report, out = finetune_and_eval(tmp_path, text_file, checkpoint, "--preset", "executorch_llama")
+    layers = {r.layer: r.scheme for r in qatfx.load(out).qatfx_layers}
+    # finetune wraps the transformers model as `lm`: "*.lm_head" finds its head
+    assert layers["lm.lm_head"] == "8da8w" and layers["lm.model.layers.0.self_attn.q_proj"] == "8da4w"
+    assert layers["lm.model.embed_tokens"] == "8w"
+    assert report["layer_schemes"]["8da8w"] == 1
+    assert "preset executorch_llama (qatfx.presets; group size 32)" in (out / "report.md").read_text()
+    check_output(tmp_path, text_file, report, out, capsys)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--preset", "llama_cpp_q4_0", "--group-size", "64"], "fixes its group size"),
+        (["--preset", "executorch_llama", "--scales-precision", "bfloat16"], "fixes its scales' dtypes"),
+    ],
+)
+def test_preset_options_that_conflict_are_refused_before_loading(tmp_path, text_file, extra, message):
+    from qatfx.recipes.finetune import FinetuneOptions
+
+    options = {"--preset": "preset", "--group-size": "group_size", "--scales-precision": "scales_precision"}
+    kwargs = {options[k]: (int(v) if k == "--group-size" else v) for k, v in zip(extra[::2], extra[1::2])}
+    with pytest.raises(ValueError, match=message):
+        FinetuneOptions(model="builtin:charlm", text=text_file, out=tmp_path / "out", **kwargs).check()
