@@ -60,6 +60,7 @@ from qatfx.ops import fake_quantize
 from qatfx.passes.convert import convert
 from qatfx.passes.insert_fake_quant import fake_quant_nodes
 from qatfx.passes.train_eval import set_training_mode
+from qatfx.spec import scheme_name
 
 log = logging.getLogger("qatfx.debug")
 
@@ -420,8 +421,9 @@ def _outside_row(report: Any) -> CompareRow:
 
 
 def _scheme(annotation: Any) -> str:
+    """The layer's own scheme (a MixedQuantizer gives each layer its own): "8da8w (int8/... x int8/...)"."""
     act = annotation.input_spec.describe() if annotation.input_spec else "float"
-    return f"{act} x {annotation.weight_spec.describe()}"
+    return f"{scheme_name(annotation.input_spec, annotation.weight_spec)} ({act} x {annotation.weight_spec.describe()})"
 
 
 def _write_html(report: CompareReport, dump_dir: Union[str, os.PathLike, None]) -> Optional[Path]:

@@ -167,6 +167,16 @@ def test_converted_only_and_skipped_layer():
     assert "converted vs fake-quant" not in report.to_markdown()
 
 
+def test_each_layer_is_compared_under_its_own_scheme():
+    torch.manual_seed(0)
+    model = TinyLM(tie=False).eval()
+    prepared = qatfx.prepare_pt2e(model, qatfx.presets.executorch_llama(), (tokens(),))
+    report = compare(model, prepared, (tokens(seed=1),))
+    assert report.row("lm_head").scheme.startswith("8da8w (") and report.row("blocks.0.q_proj").scheme.startswith("8da4w (")
+    # int8 per channel loses far less than int4 per group: the head's local SQNR is the higher
+    assert report.row("lm_head").fake_quant.local.sqnr_db > report.row("blocks.0.q_proj").fake_quant.local.sqnr_db
+
+
 def _snapshot(module):
     return (
         module.training,
@@ -263,7 +273,7 @@ def test_markdown_table_shape(planted):
     table = [line for line in text.splitlines() if line.startswith("|")]
     assert len(table) == 2 + len(planted[2].rows)
     assert len({line.count("|") for line in table}) == 1
-    assert re.search(rf"\| {re.escape(BAD)} \| int8/PerToken/asym x int4/group32/sym \| 1\d\.\d \|", text)
+    assert re.search(rf"\| {re.escape(BAD)} \| 8da4w \(int8/PerToken/asym x int4/group32/sym\) \| 1\d\.\d \|", text)
 
 
 def test_warns_when_float_model_does_not_match(planted, caplog):
