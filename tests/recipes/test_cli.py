@@ -55,10 +55,14 @@ def exit_code_and_stderr(capsys, argv):
         (lambda tmp: [*_charlm(tmp), "--lora-rank", "4", "--lora-targets", "*.nothing"],
          "LoRA targets ['*.nothing'] match no linear layer; the layers are: ['blocks.0.q_proj'"),
         (lambda tmp: [*_charlm(tmp), "--lora-rank", "200"], "LoRA rank 200 > min(N, K) = 128 for layer 'blocks.0.q_proj'"),
+        (lambda tmp: ["demo", "--rows", "int4 g32,int5 g7"], "choose comma-separated rows from: int4 g32; "),
+        (lambda tmp: [*_charlm(tmp), "--preset", "tensorrt"], "invalid choice: 'tensorrt'"),
+        (lambda tmp: [*_charlm(tmp), "--preset", "llama_cpp_q4_0", "--group-size", "64"], "fixes its group size"),
     ],
     ids=["missing-file", "binary-file", "not-a-checkpoint", "group-size", "zero-seeds", "unknown-export-format", "fake-quant-after-steps",
          "seq-len-past-context", "no-tokenizer-small-vocab", "eval-old-layout", "finetune-of-an-output", "eval-damaged-save",
-         "lora-rank-0", "lora-option-without-rank", "lora-alpha-0", "lora-targets-match-nothing", "lora-rank-too-big"],
+         "lora-rank-0", "lora-option-without-rank", "lora-alpha-0", "lora-targets-match-nothing", "lora-rank-too-big",
+         "unknown-demo-row", "unknown-preset", "preset-fixed-group-size"],
 )
 def test_bad_arguments_exit_2_with_a_clear_message(tmp_path, capsys, make_argv, message):
     code, err = exit_code_and_stderr(capsys, make_argv(tmp_path))
