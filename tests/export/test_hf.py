@@ -1,5 +1,6 @@
-"""qatfx.export.hf: a converted model -> a compressed-tensors "pack-quantized" W4A16 directory
-that transformers loads, holding convert's int4 codes and scales bit for bit."""
+"""qatfx.export.hf: a converted model -> a compressed-tensors directory that transformers loads,
+holding convert's codes and scales bit for bit: "pack-quantized" W4A16 / W8A16 for weight-only
+layers, "int-quantized" W8A8 for 8da8w ones, one config group per scheme."""
 
 from __future__ import annotations
 
@@ -167,7 +168,7 @@ def test_a_fused_group_with_mixed_schemes_is_refused_before_writing(tmp_path):
     """k_proj skipped, q/v int4: transformers would load it, vLLM refuses one qkv_proj with two
     schemes; the export refuses first, naming the group and the fix."""
     converted = _converted(CausalLM(CONFIG), weight_only(skip=["*.k_proj"]), steps=1)
-    with pytest.raises(ExportError, match=r"(?s)model\.layers\.0\.self_attn\.qkv_proj: q_proj, v_proj int4 but k_proj float.*skip them all"):
+    with pytest.raises(ExportError, match=r"(?s)model\.layers\.0\.self_attn\.qkv_proj: q_proj, v_proj int4 group 32 \(W4A16\) but k_proj float.*skip them all"):
         hf(converted, tmp_path / "mixed", config=CONFIG)
     assert not (tmp_path / "mixed").exists()
 
@@ -316,16 +317,209 @@ def test_float32_scales_a_bfloat16_checkpoint_would_round_are_refused(tmp_path):
 @pytest.mark.parametrize(
     "quantizer, message",
     [
-        (qatfx.Int8WeightOnlyQuantizer(), "int8 weights"),
+        (qatfx.Quantizer(None, QuantSpec(3, PerGroup(GROUP), symmetric=True)), "int3 weights"),
         (qatfx.Quantizer(None, QuantSpec(4, PerGroup(GROUP), symmetric=False)), "asymmetric"),
+        (qatfx.Quantizer(None, QuantSpec(8, PerChannel(), symmetric=False)), "asymmetric"),
     ],
-    ids=["int8", "asymmetric-int4"],
+    ids=["int3", "asymmetric-int4", "asymmetric-int8"],
 )
-def test_weights_off_the_symmetric_int4_grid_are_refused(quantizer, message, tmp_path):
+def test_weights_no_served_scheme_holds_are_refused(quantizer, message, tmp_path):
+    """Every quantized layer is written exactly or refused by name, with the fix."""
     converted = qatfx.convert_pt2e(qatfx.prepare_pt2e(CausalLM(CONFIG).eval(), quantizer, (tokens(),)).eval())
-    with pytest.raises(ExportError, match=f"model.layers.0.self_attn.q_proj.weight: .*{message}"):
+    with pytest.raises(ExportError, match=f"(?s)model.layers.0.self_attn.q_proj.weight: .*{message}.*Train those layers with"):
         hf(converted, tmp_path / "refused", config=CONFIG)
     assert not (tmp_path / "refused").exists()
+
+
+LINEARS = [  # the test model's linears under their HF names, lm_head apart
+    f"model.layers.{i}.{p}" for i in range(2) for p in (*(f"self_attn.{x}_proj" for x in "qkvo"), "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+]
+
+
+def test_the_vllm_w4a16_preset_writes_one_group_and_a_float_lm_head(tmp_path):
+    """qatfx.presets.vllm_w4a16 (group 32 here: the toy model's K is 64): the one config group
+    targets "Linear" as before per-layer schemes, lm_head stays float, tied and ignored."""
+    converted = _converted(CausalLM(CONFIG), qatfx.presets.vllm_w4a16(GROUP), steps=1)
+    report = hf(converted, tmp_path / "w4a16", config=CONFIG)
+    config = json.loads((report.path / "config.json").read_text())
+    q = config["quantization_config"]
+    assert q["format"] == "pack-quantized" and q["ignore"] == ["lm_head"] and config["tie_word_embeddings"] is True
+    assert q["config_groups"] == {"group_0": {
+        "targets": ["Linear"], "format": "pack-quantized", "weights": {"num_bits": 4, "strategy": "group", "group_size": GROUP},
+    }}
+    assert report.format == "pack-quantized" and report.quantized_layers == 14 and report.group_size == GROUP
+    assert "skip" in report.ignored["lm_head"] or "float" in report.ignored["lm_head"]
+    assert vllm_rule_violations(config, LINEARS + ["lm_head"]) == []
+    assert report.verification.weights == report.verification.decompressed == 14 and report.verification.logits.passed
+
+
+@pytest.fixture(scope="module")
+def executorch_llama(tmp_path_factory):
+    """qatfx.presets.executorch_llama() on the tied test model: 8da4w int4 g32 bf16-scale body,
+    8da8w lm_head (float32 per-channel scales), int8 per-row embedding tied to it; 2 QAT steps."""
+    converted = _converted(CausalLM(CONFIG), qatfx.presets.executorch_llama())
+    return converted, hf(converted, tmp_path_factory.mktemp("hf") / "executorch", config=CONFIG, quantize_lm_head=True)
+
+
+def test_the_executorch_preset_writes_a_group_per_scheme(executorch_llama):
+    """Two config groups, each naming exactly its modules: the 8da4w body as W4A16
+    (pack-quantized, activations dropped and measured) and the 8da8w lm_head as W8A8
+    (int-quantized, int8 dynamic per-token asymmetric activations, as trained)."""
+    converted, report = executorch_llama
+    config = json.loads((report.path / "config.json").read_text())
+    q = config["quantization_config"]
+    assert q["format"] == "mixed-precision" and report.format == "mixed-precision" and "ignore" not in q
+    assert q["config_groups"] == {
+        "group_0": {"targets": LINEARS, "format": "pack-quantized", "weights": {"num_bits": 4, "strategy": "group", "group_size": GROUP}},
+        "group_1": {
+            "targets": ["lm_head"], "format": "int-quantized", "weights": {"strategy": "channel"},
+            "input_activations": {"strategy": "token", "dynamic": True, "symmetric": False},
+        },
+    }
+    body, head = QuantizationConfig.model_validate(q).config_groups.values()  # what vLLM and transformers parse
+    assert (body.weights.num_bits, body.weights.symmetric, body.input_activations) == (4, True, None)
+    assert (head.weights.num_bits, head.weights.type, head.weights.symmetric, head.weights.strategy) == (8, "int", True, "channel")
+    acts = head.input_activations
+    assert (acts.num_bits, acts.type, acts.symmetric, acts.strategy, acts.dynamic) == (8, "int", False, "token", True)
+    assert [len(modules) for modules in report.schemes.values()] == [14, 1] and report.group_size is None
+    # the file: int4 packed, lm_head int8 codes as they are (IntQuantizationCompressor), the
+    # int8 embedding as its dequantized grid in float (untied: the head is quantized)
+    file = load_file(str(report.path / "model.safetensors"))
+    qw = converted_tensors(converted).quantized["lm_head.weight"]
+    assert file["lm_head.weight"].dtype == torch.int8 and torch.equal(file["lm_head.weight"], qw.codes)
+    assert file["lm_head.weight_scale"].shape == (VOCAB, 1) and torch.equal(file["lm_head.weight_scale"], qw.scales)
+    assert "lm_head.weight_packed" not in file and config["tie_word_embeddings"] is False
+    assert torch.equal(file["model.embed_tokens.weight"], qw.dequantized(torch.float32))
+    assert any(d.startswith("embedding: quantized in training (int8/PerChannel/sym)") for d in report.differences)
+    assert report.differences[0].startswith("activations:") and "8da4w" in report.differences[0] and "keep theirs" in report.differences[0]
+    # vLLM: every rule but the quantized lm_head (vLLM 0.20+)
+    assert vllm_rule_violations(config, LINEARS + ["lm_head"]) == ["group_1: targets lm_head, which vLLM before 0.20 cannot load quantized"]
+
+
+def test_the_executorch_preset_loads_in_transformers_with_its_w8a8_head(executorch_llama, tmp_path):
+    """transformers (compressed-tensors) decompresses both groups and quantizes lm_head's inputs
+    per token itself: its logits equal the converted model's with only the body's activation
+    quantization removed (measured: 0, bit-identical), and differ from the all-float-activation
+    model, so the W8A8 activations are really applied."""
+    from qatfx.export.hf import float_activation_copy
+
+    converted, report = executorch_llama
+    verification = report.verification
+    assert verification.weights == verification.decompressed == 15 and verification.float_grids == 1
+    assert "the W8A8 layers keep theirs" in verification.reference and verification.logits.passed
+    assert verification.logits.relative_error <= float_error_bound(llama_hparams(CONFIG), torch.float32, 8)
+    assert verification.activation_drop is not None and verification.dropped == "8da4w"
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(report.path)).eval()
+    ids = tokens(2, 8, VOCAB, 7)
+    body_only, removed = float_activation_copy(converted, {"lm_head.weight"})
+    all_float, removed_all = float_activation_copy(converted)
+    assert removed == removed_all - 1  # the body's 10 activation quantizations (q/k/v and gate/up share one), not the head's
+    with torch.no_grad():
+        got = model(input_ids=ids).logits
+        assert relative_error(got, body_only(ids)) <= float_error_bound(llama_hparams(CONFIG), torch.float32, 8)
+        assert relative_error(got, all_float(ids)) > 1e-4  # lm_head's int8 activations: a quantization step away
+    copy = tmp_path / "tampered"
+    shutil.copytree(report.path, copy)
+    tensors = load_file(str(copy / "model.safetensors"))
+    tensors["lm_head.weight"][0, 0] += 1 if tensors["lm_head.weight"][0, 0] < 127 else -1
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(copy / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(VerificationError, match="lm_head: the int8 weight differs from convert's codes"):
+        verify_hf(copy, converted)
+
+
+def test_the_executorch_preset_by_default_keeps_lm_head_float_and_tied(executorch_llama, tmp_path):
+    """quantize_lm_head=False: one W4A16 group; lm_head (8da8w in training) written as its int8
+    grid in float, equal to the tied embedding's, so the checkpoint stays tied; both activation
+    quantizations dropped, measured."""
+    converted, _ = executorch_llama
+    report = hf(converted, tmp_path / "default", config=CONFIG)
+    config = json.loads((report.path / "config.json").read_text())
+    assert config["tie_word_embeddings"] is True and config["quantization_config"]["ignore"] == ["lm_head"]
+    assert [scheme.name for scheme in report.schemes] == ["W4A16"] and report.quantized_layers == 14
+    assert "int8/PerChannel/sym grid in float" in report.ignored["lm_head"]
+    assert "8da4w, 8da8w" in report.differences[0] and report.verification.dropped == "8da4w, 8da8w"
+    assert vllm_rule_violations(config, LINEARS + ["lm_head"]) == []
+    assert report.verification.float_grids == 2 and report.verification.logits.passed
+
+
+def test_the_llama_cpp_preset_writes_q8_0_as_int8_groups_of_32(tmp_path):
+    """Q4_0 body and Q8_0 lm_head (quantize_lm_head=True): both grids hold exactly in
+    pack-quantized groups of 32 (Q8_0's narrow codes are inside int8, its fp16 scales exact in a
+    float32 file), so one format and two groups, W4A16 and W8A16; the Q8_0 activations have no
+    served form with these weights and are dropped, measured."""
+    converted = qatfx.convert_pt2e(qatfx.prepare_pt2e(CausalLM(CONFIG).eval(), qatfx.presets.llama_cpp_q4_0(), (tokens(),)).eval())
+    report = hf(converted, tmp_path / "q4_0", config=CONFIG, quantize_lm_head=True)
+    q = json.loads((report.path / "config.json").read_text())["quantization_config"]
+    assert q["format"] == "pack-quantized" and [g["weights"] for g in q["config_groups"].values()] == [
+        {"num_bits": 4, "strategy": "group", "group_size": 32}, {"strategy": "group", "group_size": 32},
+    ]
+    file = load_file(str(report.path / "model.safetensors"))
+    head = converted_tensors(converted).quantized["lm_head.weight"]
+    assert int(head.codes.min()) >= -127 and head.scales.dtype == torch.float16
+    assert file["lm_head.weight_packed"].shape == (VOCAB, 64 // 4)  # 4 int8 codes a word
+    assert torch.equal(unpack_from_int32(file["lm_head.weight_packed"], 8, torch.Size([VOCAB, 64])), head.codes)
+    assert report.differences[0].startswith("activations:") and "ggml-8da4w" in report.differences[0]
+    assert report.verification.weights == 15 and report.verification.logits.passed
+    assert vllm_rule_violations(json.loads((report.path / "config.json").read_text()), LINEARS + ["lm_head"]) == [
+        "group_1: targets lm_head, which vLLM before 0.20 cannot load packed"
+    ]
+
+
+def test_int8_weight_only_is_written_as_w8a16(tmp_path):
+    converted = qatfx.convert_pt2e(qatfx.prepare_pt2e(CausalLM(CONFIG).eval(), qatfx.Int8WeightOnlyQuantizer(), (tokens(),)).eval())
+    report = hf(converted, tmp_path / "w8a16", config=CONFIG)
+    config = json.loads((report.path / "config.json").read_text())
+    (group,) = config["quantization_config"]["config_groups"].values()
+    assert group == {"targets": ["Linear"], "format": "pack-quantized", "weights": {"strategy": "channel"}}  # 8 bits: the default
+    assert str(report).splitlines()[0].endswith("compressed-tensors pack-quantized W8A16, 14 int8 linears (per channel), float32")
+    assert vllm_rule_violations(config, LINEARS + ["lm_head"]) == []
+    assert report.verification.weights == 14 and report.verification.logits.passed
+
+
+def test_several_group_sizes_get_a_group_each(tmp_path):
+    """int4 g32 attention and g64 MLP: two pack-quantized groups naming their modules."""
+    quantizer = qatfx.MixedQuantizer(
+        [(("*.gate_proj", "*.up_proj", "*.down_proj"), weight_only_group(64)), ("lm_head", None)], default=weight_only_group(GROUP),
+    )
+    converted = qatfx.convert_pt2e(qatfx.prepare_pt2e(CausalLM(CONFIG).eval(), quantizer, (tokens(),)).eval())
+    report = hf(converted, tmp_path / "sizes", config=CONFIG)
+    config = json.loads((report.path / "config.json").read_text())
+    groups = config["quantization_config"]["config_groups"]
+    assert config["quantization_config"]["format"] == "pack-quantized"
+    assert [(g["weights"]["group_size"], len(g["targets"])) for g in groups.values()] == [(GROUP, 8), (64, 6)]
+    assert groups["group_1"]["targets"][0] == "model.layers.0.mlp.gate_proj"
+    assert vllm_rule_violations(config, LINEARS + ["lm_head"]) == [] and report.verification.logits.passed
+
+
+def weight_only_group(group_size: int) -> qatfx.Quantizer:
+    return qatfx.Quantizer(None, int4_per_group_weight(group_size, torch.bfloat16))
+
+
+def test_a_fused_group_with_two_quantized_schemes_is_refused(tmp_path):
+    quantizer = qatfx.MixedQuantizer([("*.k_proj", qatfx.Int8WeightOnlyQuantizer())], default=weight_only())
+    converted = qatfx.convert_pt2e(qatfx.prepare_pt2e(CausalLM(CONFIG).eval(), quantizer, (tokens(),)).eval())
+    with pytest.raises(ExportError, match=r"qkv_proj: q_proj, v_proj int4 group 32 \(W4A16\) but k_proj int8 per channel \(W8A16\)"):
+        hf(converted, tmp_path / "fused", config=CONFIG)
+    assert not (tmp_path / "fused").exists()
+
+
+def test_the_vllm_rules_catch_configs_vllm_would_misread():
+    """The restated rules themselves (no model): a weight-only int-quantized group, a global
+    mixed-precision format a group relies on, and a "Linear" group beside a by-name group,
+    which vLLM resolves for a fused qkv_proj by class name where transformers uses the name."""
+    w4 = {"num_bits": 4, "strategy": "group", "group_size": GROUP}
+    q = {"quant_method": "compressed-tensors", "format": "mixed-precision", "config_groups": {
+        "group_0": {"targets": ["Linear"], "format": "pack-quantized", "weights": w4},
+        "group_1": {"targets": ["model.layers.0.self_attn.k_proj"], "format": "int-quantized", "weights": {"strategy": "channel"}},
+        "group_2": {"targets": ["model.layers.1.mlp.down_proj"], "weights": w4},
+    }}
+    assert vllm_rule_violations({"quantization_config": q}, LINEARS) == [
+        "group_1: int-quantized without input_activations matches no vLLM scheme (weight-only int8 is pack-quantized W8A16)",
+        "group_2: format 'mixed-precision' is neither pack-quantized (W4A16/W8A16) nor int-quantized (W8A8)",
+        "model.layers.0.self_attn.k_proj: vLLM reads it (model.layers.0.self_attn.qkv_proj) with group_0, transformers with group_1",
+    ]
 
 
 def test_refuses_a_model_that_is_not_converted(tmp_path):
