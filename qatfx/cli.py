@@ -145,7 +145,7 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="hf: the checkpoint's dtype (default: the model's)")
     export.add_argument("--quantize-lm-head", action="store_true",
                         help="hf: pack a quantized lm_head as int4 (default: its dequantized grid in float, which every vLLM loads)")
-    export.add_argument("--weight-only", action="store_true", help="hf: refuse a model with quantized activations (8da4w) instead of writing it as W4A16")
+    export.add_argument("--weight-only", action="store_true", help="hf: refuse a model whose activation quantization the format drops (8da4w written as W4A16) instead of writing it")
     _add_thresholds(export)
 
     verify = commands.add_parser("verify", help="run a .pte in ExecuTorch's runtime and the converted model on held-out inputs; compare logits")
