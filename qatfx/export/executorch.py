@@ -1,8 +1,9 @@
 """`qatfx.export.executorch(converted, path)`: a `.pte` for ExecuTorch's XNNPACK backend.
 
 The converted model is copied, its qatfx ops rewritten into the patterns XNNPACK delegates
-(xnnpack_patterns.py: int8 dynamic per-token activations x int4 per-group weights, with the
-codes convert produced), exported with torch.export, lowered with
+(xnnpack_patterns.py: int8 dynamic per-token activations x int4 per-group weights (8da4w) or
+int8 per-channel weights (8da8w), with the codes convert produced; quantized embeddings to
+ExecuTorch's quantized embedding ops), exported with torch.export, lowered with
 `to_edge_transform_and_lower(..., partitioner=[XnnpackPartitioner()])` and written as a
 `.pte`. The report says how many quantized linears the delegate took and names the rest.
 Then, by default, the `.pte` is run in ExecuTorch's runtime on held-out inputs and checked
@@ -31,6 +32,7 @@ from qatfx.export.verify import (
 )
 from qatfx.export.xnnpack_patterns import CODES_SUFFIX, rewrite_for_xnnpack
 from qatfx.capture import kv_cache_off
+from qatfx.formats import format_for
 from qatfx.graph.meta import CONVERTED
 from qatfx.graph.regions import graph_regions, model_stage
 from qatfx.module import copy_model_sharing_tensors, copy_sharing_tensors
@@ -44,16 +46,22 @@ log = logging.getLogger("qatfx.export")
 class ExecuTorchExport:
     path: Path
     bytes: int
-    quantized_layers: int  # int4 linears in the model
+    quantized_layers: int  # quantized linears rewritten into XNNPACK's patterns
     delegated: int  # of those, taken by XNNPACK
     not_delegated: dict = field(default_factory=dict)  # weight -> reason
     float_layers: list = field(default_factory=list)  # linears convert left in float (summary's reasons)
     differences: list = field(default_factory=list)  # how the runtime's arithmetic differs from training
     verification: Optional[VerifyReport] = None  # the .pte vs the converted model (None: verify=False)
+    weight_kinds: dict = field(default_factory=dict)  # "int4" (per group) / "int8" (per channel) -> linears rewritten
 
     def __str__(self) -> str:
+        if len(self.weight_kinds) == 1:
+            linears = f"{next(iter(self.weight_kinds))} linears"
+        else:
+            kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(self.weight_kinds.items()))
+            linears = "quantized linears" + (f" ({kinds})" if kinds else "")
         lines = [
-            f"{self.path}: {self.bytes} bytes; {self.delegated}/{self.quantized_layers} int4 linears delegated to XNNPACK",
+            f"{self.path}: {self.bytes} bytes; {self.delegated}/{self.quantized_layers} {linears} delegated to XNNPACK",
             *(f"  not delegated: {name}: {reason}" for name, reason in self.not_delegated.items()),
             *(f"  float (not quantized): {layer}" for layer in self.float_layers),
             *(f"  differs from training: {d}" for d in self.differences),
@@ -86,6 +94,21 @@ def rewritten_copy(converted: torch.nn.Module) -> tuple[torch.nn.Module, list, l
         weights += [prefix + w for w in report.weights]
         left += [(prefix + name, reason) for name, reason in report.left]
     return copy, weights, left
+
+
+def weight_kinds(rewritten: torch.nn.Module, weights: list) -> dict:
+    """How many of the rewritten `weights` (rewritten_copy's) are int4 per-group and int8
+    per-channel, read from the dequantize each was rewritten into."""
+    codes = {w + CODES_SUFFIX for w in weights}
+    kinds: dict = {}
+    for path, gm in graph_regions(rewritten):
+        prefix = f"{path}." if path else ""
+        for node in gm.graph.nodes:
+            source = node.args[0] if node.op == "call_function" and node.args else None
+            if isinstance(source, torch.fx.Node) and source.op == "get_attr" and prefix + source.target in codes:
+                kind = "int4" if "per_channel_group" in str(node.target) else "int8"
+                kinds[kind] = kinds.get(kind, 0) + 1
+    return kinds
 
 
 def executorch(
@@ -125,6 +148,7 @@ def executorch(
         example_inputs, recorded = default_example_inputs(module)
         example_kwargs = recorded if example_kwargs is None else example_kwargs
     rewritten, weights, left = rewritten_copy(module)
+    _refuse_unrewritten(left)
     try:
         with kv_cache_off(rewritten):  # a default HF config (use_cache=True) would return a DynamicCache
             ep = torch.export.export(rewritten, tuple(example_inputs), example_kwargs or {}, dynamic_shapes=dynamic_shapes, strict=False)
@@ -145,6 +169,7 @@ def executorch(
         not_delegated=not_delegated,
         float_layers=[f"{r.layer} ({r.skip_reason})" for r in summary(module).skipped],
         differences=_differences(module),
+        weight_kinds=weight_kinds(rewritten, weights),
     )
     if verify:
         inputs = verify_inputs if verify_inputs is not None else held_out_inputs(module, example_inputs, example_kwargs)
@@ -173,14 +198,30 @@ def _refuse_weight_only(module: torch.nn.Module) -> None:
             f"{len(weight_only)} linear(s) are weight-only quantized ({'; '.join(schemes)}; e.g. {weight_only[0].layer}): "
             "ExecuTorch's XNNPACK delegate runs quantized linears with int8 dynamic per-token activations only, and "
             "ExecuTorch has no kernel for a weight-only dequantize. Train with qatfx.Int8DynActInt4WeightQuantizer "
-            "(8da4w; scales_precision=torch.bfloat16 keeps XNNPACK's grid exact), or export this model to GGUF "
+            "(8da4w; scales_precision=torch.bfloat16 keeps XNNPACK's grid exact) or qatfx.Int8DynActInt8WeightQuantizer "
+            "(8da8w), or export this model to GGUF "
             "(qatfx.export.gguf) or compressed-tensors (qatfx.export.hf), which hold weight-only grids"
         )
 
 
+def _refuse_unrewritten(left: list) -> None:
+    """A qatfx op the rewrite has no XNNPACK pattern for stays a qatfx op, which ExecuTorch has
+    no kernel for: `to_executorch` would refuse it ("Missing out variants") after the lowering.
+    Name each, with the reason, before any lowering."""
+    if left:
+        raise ExportError(
+            f"{len(left)} quantized op(s) have no XNNPACK pattern, and ExecuTorch has no kernel for qatfx ops:\n"
+            + "".join(f"  {name}: {reason}\n" for name, reason in left)
+            + "XNNPACK delegates int8 dynamic per-token activations x int4 per-group (8da4w) or int8 per-channel "
+            "(8da8w) symmetric weights; train with qatfx.Int8DynActInt4WeightQuantizer / Int8DynActInt8WeightQuantizer "
+            "(or qatfx.presets.executorch_llama()), or export to GGUF (qatfx.export.gguf)"
+        )
+
+
 def delegation(ep, weights: list, left: list) -> tuple[int, dict]:
-    """How many rewritten int4 linears the delegate took, and the others with the reason
-    (those the partitioner left, and the qatfx ops the rewrite had no pattern for)."""
+    """How many rewritten quantized linears (int4 per group, int8 per channel) the delegate
+    took, and the others with the reason (those the partitioner left, and the qatfx ops and
+    weights the rewrite had no pattern for)."""
     not_delegated = _outside_delegates(ep, weights)
     not_delegated.update(dict(left))
     return len(weights) - sum(1 for w in weights if w in not_delegated), not_delegated
@@ -194,11 +235,12 @@ def write_program(program, path: Union[str, os.PathLike]) -> Path:
 
 
 def _outside_delegates(ep, weights: list) -> dict:
-    """The rewritten weights whose dequantize the partitioner left in the top-level graph."""
+    """The rewritten weights whose dequantize (per channel group: int4; per channel: int8)
+    the partitioner left in the top-level graph."""
     remaining = {}
     names = {w.replace(".", "_") + CODES_SUFFIX: w for w in weights}
     for node in ep.graph.nodes:
-        if node.op == "call_function" and "dequantize_per_channel_group" in str(node.target):
+        if node.op == "call_function" and "dequantize_per_channel" in str(node.target):
             source = node.args[0]
             key = next((k for k in names if k in getattr(source, "name", "") or k in str(getattr(source, "target", ""))), None)
             remaining[names.get(key, source.name)] = "XNNPACK's partitioner did not take this linear (shape or operand pattern it does not support)"
@@ -208,11 +250,16 @@ def _outside_delegates(ep, weights: list) -> dict:
 def _differences(module: torch.nn.Module) -> list:
     """What the XNNPACK runtime computes differently from training."""
     found = ["activations: the program quantizes them per token like quantized_decomposed.quantize_per_token (x / scale in float64, a nudged float32 zero point; qatfx rounds in float32 with zero = qmin - round(min / scale)), so a value or zero point at a rounding tie can get the neighbouring int8 code"]
-    # embeddings run in ExecuTorch's quantized kernels with float32 scales, not in XNNPACK
-    scale_dtypes = {r.weight_spec.scale_dtype for r in summary(module).quantized if r.op != "embedding"}
+    # XNNPACK stores int4 weights' scales (per group, qb4w) in bfloat16; int8 per-channel
+    # weights (qc8w) keep float32 scales, which hold any trained scale exactly; embeddings
+    # run in ExecuTorch's quantized kernels with float32 scales, not in XNNPACK
+    scale_dtypes = {
+        r.weight_spec.scale_dtype for r in summary(module).quantized
+        if r.op != "embedding" and format_for(r.weight_spec).name == "int4_packed"
+    }
     if any(dtype != torch.bfloat16 for dtype in scale_dtypes):
         found.append(
-            "weights: XNNPACK stores per-group scales in bfloat16; these were trained in "
+            "weights: XNNPACK stores int4 weights' per-group scales in bfloat16; these were trained in "
             f"{', '.join(sorted(str(d).removeprefix('torch.') for d in scale_dtypes))}, so scales are rounded "
             "(train with Int8DynActInt4WeightQuantizer(..., scales_precision=torch.bfloat16) for an identical weight grid)"
         )

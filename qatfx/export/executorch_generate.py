@@ -32,6 +32,7 @@ from qatfx.export.executorch import (
     _executorch,
     delegation,
     rewritten_copy,
+    weight_kinds,
     write_program,
 )
 from qatfx.graph.meta import CONVERTED
@@ -180,6 +181,7 @@ def executorch_generate(
         not_delegated=not_delegated,
         float_layers=[f"{r.layer} ({r.skip_reason})" for r in summary(module).skipped] if quantized else [],
         differences=_differences(module) if quantized else [],
+        weight_kinds=weight_kinds(copy, weights),
         max_seq_len=max_seq_len,
         max_prompt_len=max_prompt_len,
     )

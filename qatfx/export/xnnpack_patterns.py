@@ -5,6 +5,14 @@ and utils/quant_utils.py):
 - an int4 weight (format `int4_packed`) -> `quantized_decomposed.dequantize_per_channel_group`
   of the int8 codes convert produced (unpacked, not recomputed: the trained grid), the
   format's scales (as float32, exact) and zero points of 0, codes in [-8, 7];
+- an int8 symmetric per-channel weight (format `int_codes`: 8da8w's weights) whose linears
+  all read a rewritten per-token activation ->
+  `quantized_decomposed.dequantize_per_channel` on axis 0 of convert's codes as they are,
+  one float32 scale per output channel (exact from float32 / bfloat16 / float16), zero
+  points of 0, the spec's grid as qmin / qmax ([-128, 127]; [-127, 127] when narrow).
+  XNNPACK runs it as a dynamically quantized linear with per-channel int8 weights (qc8w),
+  whose scales it keeps in float32. Other int_codes weights (other widths, per group,
+  asymmetric, or read by a float activation) are left, with the reason;
 - an int8 per-token asymmetric dynamic activation (`qatfx::quantize_dynamic` ->
   `qatfx::dequantize`) -> `choose_qparams_per_token_asymmetric` -> `quantize_per_token` ->
   `dequantize_per_token`. That op divides by the scale in float64 where qatfx rounds in
@@ -16,10 +24,12 @@ and utils/quant_utils.py):
   even element in the high nibble: executorch exir/passes/_quant_patterns_and_replacements.py),
   int8 symmetric codes (`int_codes`) -> `embedding_byte`; same codes, scales as float32
   (exact from bfloat16), no zero points. A table tied to a linear is stored twice in the
-  program: 4-bit packed for the embedding op, int8 codes for XNNPACK's linear.
+  program: for the embedding op (4-bit packed; embedding_byte's table is the int8 codes) and
+  as the int8 codes in XNNPACK's delegate data for the linear.
 
-Any other qatfx op is left as it is; its linear then stays outside the delegate, and the
-export report names it.
+Any other qatfx op is left as it is and listed with the reason (`RewriteReport.left`);
+ExecuTorch has no kernel for a qatfx op, so `qatfx.export.executorch` refuses such a model
+before lowering and names each.
 """
 
 from __future__ import annotations
@@ -34,7 +44,9 @@ import torch.fx
 from qatfx import reference
 from qatfx.formats.int4_packed import tile
 from qatfx.graph.linear_sites import get_attr_value
+from qatfx.graph.meta import FORMAT_META_KEY, SPEC_META_KEY
 from qatfx.ops import dequantize, quantize_dynamic
+from qatfx.spec import PerChannel
 
 CODES_SUFFIX = "_codes"  # the unpacked int8 codes: `<weight>_codes`, beside `<weight>_packed`
 ZEROS_SUFFIX = "_zero_points"
@@ -189,28 +201,95 @@ def _rewrite_activation(gm: torch.fx.GraphModule, node: torch.fx.Node, qd) -> bo
     return True
 
 
+def _per_channel_problem(gm: torch.fx.GraphModule, node: torch.fx.Node, qd) -> Optional[str]:
+    """Why the int_codes weight dequantize `node` has no per-channel int8 pattern (None: it has)."""
+    spec = node.meta.get(SPEC_META_KEY)
+    packed_node, scales_node, zeros, _group_size, _out_dtype = node.args
+    described = spec.describe() if spec is not None else "int_codes"
+    if spec is None or node.meta.get(FORMAT_META_KEY) != "int_codes":
+        return "a weight dequantize without convert's spec and format"
+    if not (spec.bits == 8 and spec.symmetric and isinstance(spec.granularity, PerChannel)) or zeros is not None:
+        return f"{described} weights have no XNNPACK pattern (it takes int4 per-group and int8 per-channel symmetric weights)"
+    codes = get_attr_value(gm, packed_node.target)
+    scales = get_attr_value(gm, scales_node.target)
+    if codes.dtype != torch.int8 or codes.dim() != 2 or tuple(scales.shape) not in ((codes.shape[0], 1), (codes.shape[0],)):
+        return f"{described} weights stored as {codes.dtype} {tuple(codes.shape)} codes with {tuple(scales.shape)} scales"
+    for user in node.users:
+        if user.target is not torch.ops.aten.linear.default or user.args[1] is not node:
+            return f"{described} weights read by {user.target} (XNNPACK's pattern is a linear's weight)"
+        x = user.args[0]
+        if not (isinstance(x, torch.fx.Node) and x.target is qd.dequantize_per_token.default):
+            return (f"{described} weights under a float or non-per-token activation (XNNPACK delegates them "
+                    "under int8 dynamic per-token activations only)")
+    return None
+
+
+def _rewrite_per_channel_weight(gm: torch.fx.GraphModule, node: torch.fx.Node, qd) -> str:
+    """A symmetric per-channel int_codes weight dequantize -> dequantize_per_channel (axis 0)
+    of the same codes (the tensor itself, registered as `<weight>_codes`)."""
+    packed_node, scales_node, _zeros, _group_size, out_dtype = node.args
+    spec = node.meta[SPEC_META_KEY]
+    codes = get_attr_value(gm, packed_node.target)
+    scales = get_attr_value(gm, scales_node.target)
+    weight = packed_node.target.removesuffix("_packed")
+    codes_target = _register(gm, weight + CODES_SUFFIX, codes)
+    # one scale per row, (N,): float32 holds every float32 / bfloat16 / float16 value exactly
+    scales_target = _register(gm, weight + "_scales_fp32", scales.reshape(-1).to(torch.float32).contiguous())
+    zeros_target = _register(gm, weight + ZEROS_SUFFIX, torch.zeros(codes.shape[0], dtype=torch.int64))
+    graph = gm.graph
+    with graph.inserting_before(node):
+        args = [graph.get_attr(t) for t in (codes_target, scales_target, zeros_target)]
+        new = graph.call_function(
+            qd.dequantize_per_channel.default,
+            (*args, 0, spec.qmin, spec.qmax, torch.int8),
+            {"out_dtype": out_dtype},
+        )
+    new.meta.update(node.meta)
+    node.replace_all_uses_with(new)
+    graph.erase_node(node)
+    return weight
+
+
+def _is_weight_dequantize(node: torch.fx.Node) -> bool:
+    return node.target is dequantize and isinstance(node.args[0], torch.fx.Node) and node.args[0].op == "get_attr"
+
+
 def rewrite_for_xnnpack(gm: torch.fx.GraphModule) -> RewriteReport:
-    """Rewrite `gm` (a converted graph; modified in place) into XNNPACK's patterns."""
+    """Rewrite `gm` (a converted graph; modified in place) into XNNPACK's patterns.
+
+    Activations first, so that a per-channel weight can see what its linear reads."""
     qd = _quantized_decomposed()
     report = RewriteReport()
     for node in list(gm.graph.nodes):
         if node.op != "call_function":
             continue
-        if node.target in (torch.ops.qatfx.dequantize_int4.default, dequantize):
-            table = _rewrite_embeddings(gm, node)
-            if table is not None:
-                report.embeddings.append(table)
-            if not node.users:
-                continue  # an embedding-only table: eliminate_dead_code drops the dequantize
-        if node.target is torch.ops.qatfx.dequantize_int4.default:
-            report.weights.append(_rewrite_weight(gm, node, qd))
-        elif node.target is quantize_dynamic:
+        if node.target is quantize_dynamic:
             if _rewrite_activation(gm, node, qd):
                 report.activations += 1
             else:
                 report.left.append((node.name, f"activation spec {node.args[1:5]} is not int8 per-token asymmetric"))
-        elif isinstance(node.target, torch._ops.OpOverload) and node.target.namespace == "qatfx" and node.target is not dequantize:
+        elif isinstance(node.target, torch._ops.OpOverload) and node.target.namespace == "qatfx" and node.target not in (
+            dequantize, torch.ops.qatfx.dequantize_int4.default,
+        ):
             report.left.append((node.name, f"{node.target} has no XNNPACK pattern"))
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in (torch.ops.qatfx.dequantize_int4.default, dequantize):
+            continue
+        if node.target is dequantize and not _is_weight_dequantize(node):
+            continue  # an activation's (rewritten above, or reported with its quantize_dynamic)
+        table = _rewrite_embeddings(gm, node)
+        if table is not None:
+            report.embeddings.append(table)
+        if not node.users:
+            continue  # an embedding-only table: eliminate_dead_code drops the dequantize
+        if node.target is torch.ops.qatfx.dequantize_int4.default:
+            report.weights.append(_rewrite_weight(gm, node, qd))
+            continue
+        problem = _per_channel_problem(gm, node, qd)
+        if problem is None:
+            report.weights.append(_rewrite_per_channel_weight(gm, node, qd))
+        else:
+            report.left.append((node.args[0].target.removesuffix("_packed"), problem))
     gm.graph.eliminate_dead_code()
     _drop_unread_parts(gm, report.weights + report.embeddings)
     gm.graph.lint()
