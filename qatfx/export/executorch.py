@@ -37,6 +37,7 @@ from qatfx.graph.meta import CONVERTED
 from qatfx.graph.regions import graph_regions, model_stage
 from qatfx.module import copy_model_sharing_tensors, copy_sharing_tensors
 from qatfx.serialization import default_example_inputs
+from qatfx.spec import TORCHAO, PerChannel, PerGroup, PerToken
 from qatfx.summary import summary
 
 log = logging.getLogger("qatfx.export")
@@ -141,6 +142,7 @@ def executorch(
             f"(got {'a module at stage ' + repr(stage) if stage else type(module).__name__}); convert it first"
         )
     _refuse_weight_only(module)
+    _refuse_schemes_xnnpack_does_not_run(module)
     if verify:
         check_thresholds(min_next_token_agreement, max_relative_error)  # before minutes of lowering
     to_edge_transform_and_lower, XnnpackPartitioner = _executorch()
@@ -201,6 +203,36 @@ def _refuse_weight_only(module: torch.nn.Module) -> None:
             "(8da4w; scales_precision=torch.bfloat16 keeps XNNPACK's grid exact) or qatfx.Int8DynActInt8WeightQuantizer "
             "(8da8w), or export this model to GGUF "
             "(qatfx.export.gguf) or compressed-tensors (qatfx.export.hf), which hold weight-only grids"
+        )
+
+
+def _xnnpack_problem(report) -> Optional[str]:
+    """Why XNNPACK (or ExecuTorch's quantized embedding ops) cannot run a quantized layer's
+    scheme, or None. Weight-only linears are `_refuse_weight_only`'s."""
+    weight, act = report.weight_spec, report.input_spec
+    per_group4 = weight.bits == 4 and isinstance(weight.granularity, PerGroup)
+    per_row8 = weight.bits == 8 and isinstance(weight.granularity, PerChannel)
+    if not weight.symmetric or not (per_group4 or per_row8):
+        return f"weights {weight.describe()}: XNNPACK takes symmetric int4 per group or int8 per channel"
+    if report.op == "embedding" or act is None:
+        return None
+    if (act.bits, act.granularity, act.symmetric, act.scale_rule) != (8, PerToken(), False, TORCHAO):
+        return f"activations {act.describe()}: XNNPACK quantizes activations int8 per token, asymmetric"
+    return None
+
+
+def _refuse_schemes_xnnpack_does_not_run(module: torch.nn.Module) -> None:
+    """Name every layer whose scheme has no XNNPACK pattern (llama.cpp's Q8_0 activations,
+    int3 weights, asymmetric weights, ...) before minutes of lowering."""
+    problems = [(r, why) for r in summary(module).quantized if (why := _xnnpack_problem(r)) is not None]
+    if problems:
+        shown = "".join(f"  {r.layer} ({r.scheme}): {why}\n" for r, why in problems[:8])
+        more = f"  ... and {len(problems) - 8} more\n" if len(problems) > 8 else ""
+        raise ExportError(
+            f"{len(problems)} quantized layer(s) use a scheme ExecuTorch's XNNPACK delegate does not run:\n{shown}{more}"
+            "Train for ExecuTorch with qatfx.presets.executorch_llama() (8da4w body, 8da8w output, int8 embeddings) or "
+            "Int8DynActInt4WeightQuantizer / Int8DynActInt8WeightQuantizer, or export this model to GGUF "
+            "(qatfx.export.gguf: llama.cpp's Q4_0 / Q8_0) or compressed-tensors (qatfx.export.hf)"
         )
 
 

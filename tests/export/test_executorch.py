@@ -289,9 +289,18 @@ def test_weights_without_an_xnnpack_pattern_are_refused_before_lowering(tmp_path
 
     quantizer = Quantizer(int8_per_token_activation(), QuantSpec(8, PerGroup(GROUP), symmetric=True))
     converted = qatfx.convert_pt2e(qatfx.prepare_pt2e(TinyLM().eval(), quantizer, (tokens(),)))
-    with pytest.raises(qatfx.export.ExportError, match=r"(?s)15 quantized op\(s\) have no XNNPACK pattern.*lm_head\.weight: int8/group32/sym"):
+    with pytest.raises(qatfx.export.ExportError, match=r"(?s)15 quantized layer\(s\) use a scheme .* does not run.*blocks\.0\.q_proj \(8da8w\): weights int8/group32/sym.*and 7 more"):
         qatfx.export.executorch(converted, tmp_path / "g8.pte")
     assert not (tmp_path / "g8.pte").exists()
+
+
+def test_the_llama_cpp_preset_is_refused_naming_each_layer(tmp_path):
+    """Q8_0 activations (symmetric blocks of 32) are not XNNPACK's per-token ones: every layer
+    is named with its scheme, and GGUF is named as the target."""
+    converted = qatfx.convert_pt2e(qatfx.prepare_pt2e(TinyLM(tie=False).eval(), qatfx.presets.llama_cpp_q4_0(), (tokens(),)))
+    with pytest.raises(qatfx.export.ExportError, match=r"(?s)blocks\.0\.q_proj \(ggml-8da4w\): activations int8/group32/sym/narrow/ggml.*qatfx\.export\.gguf"):
+        qatfx.export.executorch(converted, tmp_path / "q4_0.pte")
+    assert not (tmp_path / "q4_0.pte").exists()
 
 
 def test_refuses_a_model_that_is_not_converted():
