@@ -111,7 +111,7 @@ class Quantizer:
             annotation = self.annotate_site(gm, site)
             site.node.meta[ANNOTATION_KEY] = annotation
             annotations.append(annotation)
-        if self.embedding_spec is not None:
+        if self.quantizes_embeddings:
             for site in find_embedding_sites(gm):
                 annotation = self.annotate_embedding(gm, site)
                 site.node.meta[ANNOTATION_KEY] = annotation

@@ -144,24 +144,15 @@ class MixedQuantizer(Quantizer):
         gm.meta[_MATCHABLE] = [(_linear_names(gm, s), s.module_type) for s in find_linear_sites(gm)] + [
             ([embedding_layer_name(gm, s)], s.module_type) for s in find_embedding_sites(gm)
         ]
-        annotations = []
-        for site in find_linear_sites(gm):
-            rule = self.rule_for(_linear_names(gm, site), site.module_type)
-            layer = model_layer_name(gm, site)
-            if rule.quantizer is None:
-                annotation = SkipAnnotation(layer, f"left in float by MixedQuantizer {rule}")
-            else:
-                annotation = rule.quantizer.annotate_site(gm, site)
-            site.node.meta[ANNOTATION_KEY] = annotation
-            annotations.append(annotation)
-        if self.quantizes_embeddings:
-            for site in find_embedding_sites(gm):
-                annotation = self._annotate_embedding(gm, site)
-                site.node.meta[ANNOTATION_KEY] = annotation
-                annotations.append(annotation)
-        return annotations
+        return super().annotate(gm)
 
-    def _annotate_embedding(self, gm: torch.fx.GraphModule, site: EmbeddingSite) -> Annotation:
+    def annotate_site(self, gm: torch.fx.GraphModule, site: LinearSite) -> Annotation:
+        rule = self.rule_for(_linear_names(gm, site), site.module_type)
+        if rule.quantizer is None:
+            return SkipAnnotation(model_layer_name(gm, site), f"left in float by MixedQuantizer {rule}")
+        return rule.quantizer.annotate_site(gm, site)
+
+    def annotate_embedding(self, gm: torch.fx.GraphModule, site: EmbeddingSite) -> Annotation:
         layer = embedding_layer_name(gm, site)
         rule = self.rule_for([layer], site.module_type)
         quantizer = rule.quantizer
