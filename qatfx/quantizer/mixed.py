@@ -16,19 +16,17 @@ import difflib
 import fnmatch
 import warnings
 from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence, Union
+from typing import Iterable, Optional, Sequence
 
 import torch
 import torch.fx
 
-from qatfx.graph.embedding_sites import EmbeddingSite, embedding_layer_name, module_path_of, find_embedding_sites
+from qatfx.graph.embedding_sites import EmbeddingSite, embedding_layer_name, find_embedding_sites, module_path_of
 from qatfx.graph.linear_sites import LinearSite, find_linear_sites
-from qatfx.graph.meta import ANNOTATION_KEY
 from qatfx.graph.regions import layer_path, region_of
 from qatfx.quantizer.base import (
     Annotation,
     EmbeddingAnnotation,
-    LinearAnnotation,
     Quantizer,
     SkipAnnotation,
     model_layer_name,
@@ -36,7 +34,6 @@ from qatfx.quantizer.base import (
 )
 from qatfx.spec import scheme_name
 
-Pattern = Union[str, tuple, type]
 _MATCHABLE = "qatfx_mixed_matchable"  # gm.meta key: each site's (names, module type)
 
 
