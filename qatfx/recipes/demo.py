@@ -117,7 +117,8 @@ PRESETS = {
     "tiny": Preset(
         dict(dim=64, layers=1, heads=2, hidden=128, max_seq=64),
         TrainConfig(steps=30, batch_size=8, seq_len=64, lr=3e-3, warmup_steps=5),
-        finetune_steps=10, finetune_lr=1e-3, eval_chars=4_096, schemes=("int4 g32", "int3 per-channel", *LORA_SCHEMES),
+        finetune_steps=10, finetune_lr=1e-3, eval_chars=4_096,
+        schemes=("int4 g32", EXECUTORCH_PRESET, "int3 per-channel", *LORA_SCHEMES),
         compile=False,  # compiling would be most of a CI run; compiled QAT is tested in tests/test_compile.py
     ),
     # `qatfx demo`: about 0.9M parameters, <= 10 minutes on 2 cores. Its layers are 128 or

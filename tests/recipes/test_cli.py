@@ -123,7 +123,7 @@ def test_tiny_demo_report(tmp_path, text_file, capsys):
     report = json.loads((out / "report.json").read_text())
     assert {"corpus", "model", "parameters", "float_bytes", "float_ppl", "rows", "curves"} <= report.keys()
     lora_rows = ["int4 g32 QAT+LoRA (r=8)", "int4 g32 QAT+LoRA (r=8, torchtune)"]
-    assert [row["scheme"] for row in report["rows"]] == ["int4 g32", "int3 per-channel", *lora_rows]
+    assert [row["scheme"] for row in report["rows"]] == ["int4 g32", "executorch_llama preset", "int3 per-channel", *lora_rows]
     rows = {row["scheme"]: row for row in report["rows"]}
     for row in report["rows"]:
         if row["scheme"] != lora_rows[1]:  # the contract: converted == fake-quant (merged first for LoRA)
@@ -146,6 +146,11 @@ def test_tiny_demo_report(tmp_path, text_file, capsys):
     assert deploy["next_token_agreement"] >= 0.9 and deploy["relative_error"] <= 0.1
     assert deploy["float_tokens_per_s"] > 0 and deploy["pte_tokens_per_s"] > 0
     assert "## Deployed: int4 g32 QAT model" in (out / "report.md").read_text()
+    # the ExecuTorch preset's row (8da4w body, 8da8w lm_head, int8 embedding): its own .pte, verified
+    preset = report["preset_deploy"]
+    assert (out / "executorch_llama.pte").stat().st_size == preset["pte_bytes"] and preset["delegated"] == "8/8"
+    assert preset["next_token_agreement"] >= 0.9 and preset["relative_error"] <= 0.1
+    assert rows["executorch_llama preset"]["converted_bytes"] < rows["int4 g32"]["converted_bytes"]  # int8 embedding
     # --export gguf: written (the demo's float32 scales rounded to fp16, reported) and verified
     gguf_lines = report["file_exports"]["gguf"]
     assert (out / "qat.gguf").stat().st_size > 0
@@ -156,5 +161,5 @@ def test_tiny_demo_report(tmp_path, text_file, capsys):
     hf_lines = "\n".join(report["file_exports"]["hf"])
     # 7 linears packed; the quantized lm_head written as its float grid (vLLM-safe default)
     assert (out / "qat_hf" / "model.safetensors").exists() and "7 int4 linears" in hf_lines
-    assert "float (ignore): lm_head: written as its dequantized int4 grid" in hf_lines
+    assert "float (ignore): lm_head: written as its dequantized int4/group32/sym grid" in hf_lines
     assert "vs the converted 8da4w model" in hf_lines
