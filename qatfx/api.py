@@ -23,6 +23,7 @@ from qatfx.passes.infra import run_pass
 from qatfx.passes.insert_fake_quant import fake_quant_nodes, insert_fake_quant
 from qatfx.passes.lora import LoRA, add_lora, frozen_fake_quant_flags, lora_state, merge_adapters, refresh_frozen_weights
 from qatfx.quantizer import Quantizer
+from qatfx.quantizer.base import check_one_grid_per_table, quantized_tables
 from qatfx.region_capture import Regions, plan_regions, replace_module
 from qatfx.summary import layer_reports, outside_report, summary
 
@@ -103,9 +104,15 @@ def prepare_pt2e(
     return prepared
 
 
-def _prepare_graph(gm: QATGraphModule, quantizer: Quantizer, dump_dir: Optional[Path], check_finite: Optional[bool]) -> list:
-    """The prepare passes on one captured graph; returns its layer reports."""
+def _prepare_graph(
+    gm: QATGraphModule, quantizer: Quantizer, dump_dir: Optional[Path], check_finite: Optional[bool],
+    tables: Optional[dict] = None,
+) -> list:
+    """The prepare passes on one captured graph; returns its layer reports. tables: the
+    tensors earlier regions quantize, checked for one grid per tied table across regions."""
     run_pass(gm, "annotate", annotate_pass(quantizer), dump_dir=dump_dir)
+    if tables is not None:
+        check_one_grid_per_table(tables, quantized_tables(gm), quantizer.describe_choice)
     gm.qatfx_layers = layer_reports(gm)
     if not any(r.quantized for r in gm.qatfx_layers) and not gm.qatfx_region:
         raise ValueError(_nothing_to_quantize(quantizer, gm.qatfx_layers))
@@ -144,6 +151,7 @@ def _prepare_regions(
     # qatfx.save re-exports the whole model; these are its default example inputs
     prepared.qatfx_example_inputs = pytree.tree_map(lambda v: v.detach().clone() if isinstance(v, torch.Tensor) else v, (args, kwargs))
     layers = list(prepared.qatfx_outside_layers)
+    tables: dict = {}  # a tied embedding and lm_head are two regions: one grid across them
     for path, call in calls.items():
         region = prepared.get_submodule(path)
         try:
@@ -158,7 +166,7 @@ def _prepare_regions(
         gm.keep_methods_of(region)
         gm.qatfx_dump_dir = None if dump_dir is None else str(Path(dump_dir) / path)
         gm.train(region.training)
-        layers += _prepare_graph(gm, quantizer, gm.dump_folder(), check_finite)
+        layers += _prepare_graph(gm, quantizer, gm.dump_folder(), check_finite, tables)
         replace_module(prepared, path, gm)
     if not any(r.quantized for r in layers):
         raise ValueError(_nothing_to_quantize(quantizer, layers))

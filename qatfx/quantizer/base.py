@@ -99,6 +99,10 @@ class Quantizer:
         """Warn about rules that matched no layer (MixedQuantizer); a single-scheme
         quantizer has none."""
 
+    def describe_choice(self, layer: str) -> str:
+        """Why `layer` got its scheme, for error messages ("" for a single-scheme quantizer)."""
+        return ""
+
     def __repr__(self) -> str:
         act = self.input_spec.describe() if self.input_spec else "float"
         emb = f", embeddings={self.embedding_spec.describe()}" if self.embedding_spec else ""
@@ -202,6 +206,46 @@ def tied_linear(gm: torch.fx.GraphModule, site: EmbeddingSite) -> Optional[tuple
         if linear.param_node is site.param_node and isinstance(annotation, LinearAnnotation):
             return linear, annotation
     return None
+
+
+@dataclass(frozen=True)
+class QuantizedTable:
+    """A parameter a quantized layer fake-quantizes: the key says which tensor it is across
+    graphs (a region capture exports each region separately, sharing the model's tensors)."""
+
+    key: tuple  # (storage pointer, offset, shape)
+    layer: str
+    op: str  # "linear" or "embedding"
+    spec: QuantSpec
+
+
+def quantized_tables(gm: torch.fx.GraphModule) -> list[QuantizedTable]:
+    """The parameters the annotations of `gm` quantize, before insert_fake_quant."""
+    found = []
+    sites = [(s, "linear") for s in find_linear_sites(gm)] + [(s, "embedding") for s in find_embedding_sites(gm)]
+    for site, op in sites:
+        annotation = site.node.meta.get(ANNOTATION_KEY)
+        if not isinstance(annotation, (LinearAnnotation, EmbeddingAnnotation)) or site.param_name is None:
+            continue
+        tensor = get_attr_value(gm, site.param_name)
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        found.append(QuantizedTable(key, annotation.layer, op, annotation.weight_spec))
+    return found
+
+
+def check_one_grid_per_table(seen: dict, tables: list[QuantizedTable], describe=lambda layer: "") -> None:
+    """A tensor shared by layers of different graphs (a tied embedding and lm_head in two
+    regions) must get one spec from all of them: one table, one grid. `seen` maps keys to the
+    first table found; `describe(layer)` adds which rule chose the layer's scheme."""
+    for table in tables:
+        first = seen.setdefault(table.key, table)
+        if first.spec != table.spec:
+            raise ValueError(
+                f"{first.op} {first.layer}{describe(first.layer)} and {table.op} {table.layer}{describe(table.layer)} "
+                f"share one weight tensor (tied), but are quantized as {first.spec.describe()} and "
+                f"{table.spec.describe()}: one table must have one grid; give both the same spec (an embedding_spec "
+                "equal to the linear's weight spec), leave one in float, or untie the weights"
+            )
 
 
 def _check_tied(gm: torch.fx.GraphModule, site: EmbeddingSite, layer: str, spec: QuantSpec) -> None:

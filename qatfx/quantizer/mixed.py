@@ -176,6 +176,11 @@ class MixedQuantizer(Quantizer):
                 )
         return EmbeddingAnnotation(layer, quantizer.embedding_spec)
 
+    def describe_choice(self, layer: str) -> str:
+        """Which rule gives `layer` its scheme, for error messages (by name: module-class rules
+        are not seen here)."""
+        return f" (MixedQuantizer {self.rule_for([layer], None)})"
+
     def warn_unmatched_rules(self, graphs: Sequence[torch.fx.GraphModule], other_layers: Sequence[str] = ()) -> None:
         """Warn for each rule that matched no layer (linear or embedding) of `graphs`;
         `other_layers` names layers prepare saw outside them (outside every region)."""

@@ -131,3 +131,15 @@ def test_bad_rules_are_refused_naming_the_rule(rules, default, error, words):
     with pytest.raises(error, match=None) as info:
         qatfx.MixedQuantizer(rules, default=default)
     assert words in str(info.value)
+
+
+def test_a_tied_pair_in_two_regions_given_two_schemes_is_refused_naming_both_rules():
+    """Region capture exports the embedding and lm_head separately; the tensor they share
+    still gets one grid."""
+    emb8 = qatfx.Int8DynActInt8WeightQuantizer(embedding_spec=int8_per_row_embedding())
+    emb4 = qatfx.Int8DynActInt4WeightQuantizer(32, embedding_spec=int4_per_group_embedding(32))
+    conflicting = qatfx.MixedQuantizer([("lm_head", emb8), ("embed", emb4)], default=W4)
+    with pytest.raises(ValueError, match=r"rule 1 \('embed' -> 8da4w\).*rule 0 \('lm_head' -> 8da8w\).*share one weight tensor"):
+        prepare(conflicting, tie=True, regions="auto")
+    prepared = prepare(qatfx.presets.executorch_llama(), tie=True, regions="auto")  # one spec for both: fine
+    assert {r.layer: r.scheme for r in qatfx.summary(prepared).layers}["embed"] == "8w"
