@@ -94,12 +94,13 @@ def test_8da8w_gradients_match_torchao_qat():
         assert err < 1e-5, f"{name}: max relative gradient difference {err:.2e}"
 
 
-def _mismatching_seeds(n_seeds, dtype):
+def _mismatching_seeds(n_seeds, dtype, quantizer=None):
     """Seeds whose converted output differs from the prepared output at all. One export
     serves every seed: each seed's weights are loaded into the same prepared graph."""
     torch.manual_seed(0)
     template = TinyLM(vocab=64, dim=64, layers=1).to(dtype).eval()
-    prepared = qatfx.prepare_pt2e(template, qatfx.Int8DynActInt4WeightQuantizer(GROUP), (tokens(vocab=64),))
+    quantizer = quantizer or qatfx.Int8DynActInt4WeightQuantizer(GROUP)
+    prepared = qatfx.prepare_pt2e(template, quantizer, (tokens(vocab=64),))
     mismatches = []
     for seed in range(n_seeds):
         torch.manual_seed(seed)
@@ -115,6 +116,14 @@ def _mismatching_seeds(n_seeds, dtype):
 def test_prepared_equals_converted_200_seeds(dtype):
     mismatches = _mismatching_seeds(200, dtype)
     assert not mismatches, f"{len(mismatches)}/200 seeds did not match exactly: {mismatches[:10]}"
+
+
+@pytest.mark.parametrize("name", ["8da8w", "executorch_llama", "llama_cpp_q4_0"])
+def test_other_schemes_prepared_equals_converted_100_seeds(name):
+    """8da8w and the mixed presets (int8 per-channel / Q8_0 heads, int8 / Q8_0 tied tables)."""
+    quantizer = qatfx.Int8DynActInt8WeightQuantizer() if name == "8da8w" else qatfx.presets.preset(name)
+    mismatches = _mismatching_seeds(100, torch.float32, quantizer)
+    assert not mismatches, f"{len(mismatches)}/100 seeds did not match exactly: {mismatches[:10]}"
 
 
 @pytest.mark.long
