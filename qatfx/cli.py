@@ -45,8 +45,20 @@ def _non_negative(value: str) -> float:
     return number
 
 
+def _comma_separated(value: str) -> tuple:
+    return tuple(p.strip() for p in value.split(",") if p.strip())
+
+
+def _chosen_from(value: str, known, choose: str) -> tuple:
+    """The comma-separated names in `value`, each one of `known` (at least one)."""
+    names = _comma_separated(value)
+    if not names or any(n not in known for n in names):
+        raise argparse.ArgumentTypeError(f"{value!r}: choose {choose}")
+    return names
+
+
 def _patterns(value: str) -> tuple:
-    patterns = tuple(p.strip() for p in value.split(",") if p.strip())
+    patterns = _comma_separated(value)
     if not patterns:
         raise argparse.ArgumentTypeError(f"{value!r}: give comma-separated layer name patterns, e.g. '*.q_proj,*.v_proj'")
     return patterns
@@ -55,11 +67,7 @@ def _patterns(value: str) -> tuple:
 def _rows(value: str) -> tuple:
     from qatfx.recipes.demo import SCHEMES
 
-    rows = tuple(r.strip() for r in value.split(",") if r.strip())
-    unknown = [r for r in rows if r not in SCHEMES]
-    if unknown or not rows:
-        raise argparse.ArgumentTypeError(f"{value!r}: choose comma-separated rows from: {'; '.join(SCHEMES)}")
-    return rows
+    return _chosen_from(value, SCHEMES, f"comma-separated rows from: {'; '.join(SCHEMES)}")
 
 
 def _lora_options(args: argparse.Namespace) -> dict:
@@ -69,12 +77,8 @@ def _lora_options(args: argparse.Namespace) -> dict:
 def _export_formats(value: str) -> tuple:
     from qatfx.recipes.deploy import FILE_FORMATS
 
-    formats = tuple(f.strip() for f in value.split(",") if f.strip())
     known = ("executorch", *FILE_FORMATS)
-    unknown = [f for f in formats if f not in known]
-    if unknown or not formats:
-        raise argparse.ArgumentTypeError(f"{value!r}: choose a comma-separated subset of {', '.join(known)}")
-    return formats
+    return _chosen_from(value, known, f"a comma-separated subset of {', '.join(known)}")
 
 
 def _add_thresholds(command: argparse.ArgumentParser) -> None:

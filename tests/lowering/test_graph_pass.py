@@ -166,7 +166,9 @@ def test_mixed_schemes_lower_each_layer_by_its_own_format():
     expected, out, code = compile_and_run(qatfx.convert_pt2e(prepared).eval(), x, backend="qatfx")
     fused = counters["qatfx"]["w4a8_linear"] + counters["qatfx"]["w4a8_linear_bias"]
     assert fused == 14  # 2 blocks x 7 linears; lm_head is not int4
-    assert counters["qatfx"]["decompose_int_codes"] >= 2  # the lm_head and the embedding tables
+    # qatfx::dequantize decomposed three times: the lm_head's and the embedding's int8 tables,
+    # and the lm_head's activation (its int8 x int8 linear has no fused kernel)
+    assert counters["qatfx"]["decompose_int_codes"] == 3
     assert_matches_eager(out, expected)
     for leftover in (".dequantize.default(", ".dequantize_int4.default("):
         assert leftover not in code
