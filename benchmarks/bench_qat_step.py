@@ -524,4 +524,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
+    if "--model" in sys.argv:  # Hugging Face models from config, one process per configuration
+        import qat_step_hf  # benchmarks/qat_step_hf.py
+
+        sys.exit(qat_step_hf.main(sys.argv[1:]))
     sys.exit(main())

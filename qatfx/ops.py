@@ -1,9 +1,11 @@
 """qatfx's torch.library ops: the nodes prepare and convert put into a graph.
 
 - `qatfx::fake_quantize` (prepare) is CompositeImplicitAutograd: readable as one node in
-  a graph dump, but decomposed into plain aten math (reference.fake_quantize) by autograd
-  and by torch.compile, so Inductor fuses it with its neighbours and autograd derives the
-  straight-through gradient.
+  a graph dump. Traced (torch.compile, export) it decomposes into plain aten math
+  (reference.fake_quantize), so Inductor fuses it with its neighbours and autograd derives
+  the straight-through gradient. Run eagerly it is `qatfx.lean.fake_quantize`: the same
+  values and gradient, computed in place, with a backward that keeps neither fq(W) nor
+  intermediate copies.
 - `qatfx::quantize_dynamic` and `qatfx::dequantize` (convert) are opaque custom ops with
   fake (meta) kernels: they survive torch.export save/load and the lowering passes
   (`qatfx.lowering`) decide what each becomes. Each weight format (qatfx/formats/) defines
@@ -16,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from qatfx import reference
+from qatfx import lean, reference
 from qatfx.spec import TORCHAO, check_scale_rule
 
 _lib = torch.library.Library("qatfx", "DEF")
@@ -42,6 +44,9 @@ def _fake_quantize(
     if not enabled:
         # alias-free identity: exact, and Inductor drops the copy
         return x.clone()
+    check_scale_rule(scale_rule, symmetric)
+    if lean.applies(x):
+        return lean.fake_quantize(x, qmin, qmax, group_size, symmetric, eps, scale_dtype, scale_rule)
     return reference.fake_quantize(x, qmin, qmax, group_size, symmetric, eps, scale_dtype, scale_rule)
 
 
