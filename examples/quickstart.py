@@ -20,7 +20,7 @@ def main():
     prepared = qatfx.prepare_pt2e(model, qatfx.Int8DynActInt4WeightQuantizer(group_size=32), (text[:32].view(2, 16),))
     print(qatfx.summary(prepared))
 
-    step = torch.compile(prepared)
+    step = torch.compile(prepared, options=qatfx.compile_options())  # backward recomputes fq(W)
     opt = torch.optim.AdamW(prepared.parameters(), lr=3e-3)
     for i in range(30):
         seq = 32 + (i % 3) * 8  # variable sequence length, no per-shape state

@@ -29,6 +29,7 @@ from qatfx.quantizer import (
     MixedQuantizer,
     Quantizer,
 )
+from qatfx.lean.compiled import compile_options
 from qatfx.regional_compile import compile_regions
 from qatfx.serialization import SerializationError, load, save
 from qatfx.spec import PerChannel, PerGroup, PerTensor, PerToken, QuantSpec
@@ -54,6 +55,7 @@ __all__ = [
     "QuantizationSummary",
     "Quantizer",
     "SerializationError",
+    "compile_options",
     "compile_regions",
     "convert_pt2e",
     "disable_fake_quant",

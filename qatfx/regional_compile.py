@@ -32,6 +32,7 @@ import torch
 import torch.fx
 
 from qatfx.graph.regions import graph_regions, is_qatfx_graph, is_regional
+from qatfx.lean.compiled import compile_options
 
 log = logging.getLogger("qatfx.regional_compile")
 
@@ -43,8 +44,14 @@ def compile_regions(model: torch.nn.Module, **compile_kwargs: Any) -> torch.nn.M
     """Compile every region of a region capture in place (`region.compile(**compile_kwargs)`,
     torch.compile's arguments: backend=, mode=, options=, dynamic=, fullgraph=), identical
     regions sharing one compiled code. Returns `model`, which runs compiled from then on
-    (train it as usual; `loss.backward()` goes through the compiled regions)."""
+    (train it as usual; `loss.backward()` goes through the compiled regions).
+
+    With Inductor (the default backend) the weights' fake quantization is recomputed in
+    backward rather than kept from forward (`qatfx.compile_options()`), unless `options`
+    sets its own joint_custom_pre_pass or `mode` is given (torch.compile takes one of the two)."""
     _check_regional(model)
+    if compile_kwargs.get("backend", "inductor") == "inductor" and "mode" not in compile_kwargs:
+        compile_kwargs["options"] = {**compile_options(), **(compile_kwargs.get("options") or {})}
     regions = graph_regions(model)
     for _, gm in regions:
         _join_group(gm)

@@ -22,6 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
         pytest.param("bench_regional_compile.py", ["--quick"], "regional + compile_regions", marks=pytest.mark.long),
         # four fresh compiles (float, full QAT, both LoRA modes), ~2 min on 2 cores: the long run only
         pytest.param("bench_qat_lora.py", ["--quick"], "QAT+LoRA torchtune, compiled", marks=pytest.mark.long),
+        # the Hugging Face rows: six worker processes (float / QAT / QAT+LoRA, eager and compiled), ~3.5 min
+        pytest.param("bench_qat_step.py", ["--model", "hf-quick", "--rounds", "1"], "QAT+LoRA, compiled", marks=pytest.mark.long),
         # four exports and four timed subprocesses, ~85 s on 2 cores: the long run only
         pytest.param("bench_cpu_serving.py", ["--quick"], "8da4w .pte", marks=pytest.mark.long),
     ],

@@ -74,3 +74,42 @@ def test_variable_batch_and_sequence_length_compile_at_most_twice():
     # first call static, second marks batch/seq dynamic (automatic dynamic shapes), then none.
     # (Dynamo specializes size-1 dims, so a batch of 1 adds one compile by design.)
     assert counter.frame_count <= 2, f"{counter.frame_count} compiles for 5 shapes"
+
+
+def _saved_for_backward(model, options):
+    """The tensors the compiled forward keeps for the compiled backward: the backward graph's
+    inputs other than the gradients flowing in (Inductor's real partition, captured at its
+    inner compile)."""
+    from torch._inductor.compile_fx import compile_fx, compile_fx_inner
+
+    saved = []
+
+    def inner(gm, example_inputs, **kwargs):
+        if kwargs.get("is_backward"):
+            saved.extend(n for n in gm.graph.nodes if n.op == "placeholder" and not n.name.startswith("tangents"))
+        return compile_fx_inner(gm, example_inputs, **kwargs)
+
+    def backend(gm, example_inputs):
+        with torch._inductor.config.patch(options):
+            return compile_fx(gm, example_inputs, inner_compile=inner)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=backend)
+    compiled(tokens(vocab=64, seed=1)).float().logsumexp(-1).mean().backward()
+    return saved
+
+
+@pytest.mark.parametrize("options, weight_sized_saved", [({}, "some"), (qatfx.compile_options(), "none")], ids=["inductor default", "compile_options"])
+def test_compiled_backward_recomputes_fake_quantized_weights(options, weight_sized_saved):
+    # Left alone, the partitioner keeps fq(W)^T and the clamp's mask of every quantized
+    # weight; with qatfx's joint-graph pass it keeps W (a graph input, `primals_*`) only.
+    prepared = _one_layer_lm()
+    weight_shapes = {tuple(p.shape) for p in prepared.parameters() if p.dim() == 2}
+    weight_shapes |= {s[::-1] for s in weight_shapes}
+    saved = _saved_for_backward(prepared, options)
+    derived = [n.name for n in saved if not n.name.startswith("primals") and tuple(n.meta["val"].shape) in weight_shapes
+               or (n.meta["val"].dim() == 3 and n.meta["val"].shape[-1] == 32)]  # (N, K/32, 32) weight blocks
+    if weight_sized_saved == "none":
+        assert derived == [], f"the compiled forward keeps tensors computed from weights: {derived}"
+    else:
+        assert derived, "the default partition no longer keeps fq(W): the pass may be unnecessary"

@@ -16,6 +16,7 @@ from typing import Any, Optional, Union
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
+from qatfx.lean.compiled import compile_options
 from qatfx.lowering.graph_pass import LoweringConfig, QATFXGraphPass
 
 SLOT = "post_grad_custom_pre_pass"
@@ -93,7 +94,10 @@ def qatfx_backend(gm: torch.fx.GraphModule, example_inputs: list, **kwargs: Any)
     mode = kwargs.pop("mode", None)
     if kwargs:
         raise TypeError(f"backend 'qatfx' got unexpected arguments {sorted(kwargs)}; pass Inductor settings in options=")
-    patches = {**_NUMERICS, **_mode_options(mode), **inductor_options(options, config, dump_dir=dump_dir)}
+    # compile_options: a prepared model trained through this backend recomputes its
+    # weights' fake quantization in backward (qatfx/lean/compiled.py); in a graph without
+    # a backward (a converted model) its marks go unread: only the partitioner reads them
+    patches = {**_NUMERICS, **compile_options(), **_mode_options(mode), **inductor_options(options, config, dump_dir=dump_dir)}
     return compile_fx(gm, example_inputs, config_patches=patches)
 
 

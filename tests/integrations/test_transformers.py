@@ -196,3 +196,28 @@ def test_the_documented_snippet_runs(tmp_path, monkeypatch):
     assert namespace["qat"].saved_to == Path("out") / "qatfx"
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["checkpoint-2", "checkpoint-4", "qatfx"]
     assert namespace["loaded"](input_ids=namespace["prompt"]).logits.shape == (1, 6, 128)
+
+
+def test_trainer_models_train_eagerly_without_keeping_fake_quantized_weights():
+    # The HF Trainer runs the prepared model eagerly: each quantized weight reaches autograd
+    # as a FakeQuantizedWeight (recomputed in backward), never as a kept fq(W) tensor.
+    from qatfx.lean.lazy_weight import FakeQuantizedWeight
+
+    model = tiny_llama()
+    ids = tokens(0, (2, 8))
+    prepared = prepare_for_trainer(model, qatfx.Int8DynActInt4WeightQuantizer(group_size=32), {"input_ids": ids, "labels": ids})
+    weights = {id(p) for p in prepared.parameters()}
+    weight_shapes = {tuple(p.shape) for p in prepared.parameters() if p.dim() == 2}
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        loss = prepared(input_ids=ids, labels=ids).loss
+    lazy = [t for t in saved if isinstance(t, FakeQuantizedWeight)]
+    n_quantized = len(qatfx.summary(prepared).quantized)
+    assert len(lazy) >= n_quantized  # one per quantized linear, kept by its matmul
+    kept_copies = [
+        tuple(t.shape) for t in saved
+        if type(t) is torch.Tensor and id(t) not in weights and t.is_floating_point() and tuple(t.shape) in weight_shapes
+    ]
+    assert kept_copies == []
+    loss.backward()
+    assert all(p.grad is not None for p in prepared.parameters() if p.requires_grad)
