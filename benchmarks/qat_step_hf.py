@@ -18,8 +18,9 @@ times `--steps` steps (forward with labels, backward, SGD step), then measures o
 twice for memory:
 
 - RSS: the process's resident high-water mark over that step, above its RSS just before
-  it (Linux: /proc/self/clear_refs resets VmHWM), so it counts what the step adds on top of
-  the model, whatever allocated it.
+  it (Linux: /proc/self/clear_refs resets VmHWM; glibc's free heap memory is handed back
+  first with malloc_trim, so the RSS before counts live memory only), so it counts what the
+  step adds on top of the model, whatever allocated it.
 - torch: the peak of the running sum of the allocations torch.profiler records in that
   step (CPU: torch keeps no peak counter), or torch.cuda.max_memory_allocated above what
   was allocated before the step.
@@ -31,6 +32,7 @@ and QAT's first loss must differ from float's (fake quantization is on).
 from __future__ import annotations
 
 import argparse
+import ctypes
 import datetime
 import json
 import os
@@ -133,8 +135,18 @@ def _rss_bytes(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
+def _return_free_memory() -> None:
+    """glibc keeps freed heap memory resident; hand it back so that RSS counts live memory."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def rss_step_peak(step) -> Optional[int]:
-    """VmHWM over one step above the RSS before it; None where VmHWM cannot be reset."""
+    """VmHWM over one step above the RSS before it (free heap memory handed back first);
+    None where VmHWM cannot be reset."""
+    _return_free_memory()
     try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:

@@ -48,7 +48,7 @@ def compile_regions(model: torch.nn.Module, **compile_kwargs: Any) -> torch.nn.M
 
     With Inductor (the default backend) the weights' fake quantization is recomputed in
     backward rather than kept from forward (`qatfx.compile_options()`), unless `options`
-    sets its own joint_custom_pre_pass or `mode` is given (torch.compile takes one of the two)."""
+    sets its own joint_custom_post_pass or `mode` is given (torch.compile takes one of the two)."""
     _check_regional(model)
     if compile_kwargs.get("backend", "inductor") == "inductor" and "mode" not in compile_kwargs:
         compile_kwargs["options"] = {**compile_options(), **(compile_kwargs.get("options") or {})}

@@ -95,7 +95,10 @@ def _saved_for_backward(model, options):
 
     torch._dynamo.reset()
     compiled = torch.compile(model, backend=backend)
-    compiled(tokens(vocab=64, seed=1)).float().logsumexp(-1).mean().backward()
+    # no cache: a cached compile would skip the partition and leave nothing to inspect
+    with torch._functorch.config.patch(enable_autograd_cache=False), torch._inductor.config.patch(fx_graph_cache=False):
+        compiled(tokens(vocab=64, seed=1)).float().logsumexp(-1).mean().backward()
+    assert saved, "no compiled backward was captured"
     return saved
 
 

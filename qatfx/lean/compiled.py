@@ -8,7 +8,8 @@ transposes, its mask; LoRA's W + sBA) MUST_RECOMPUTE, the policy selective activ
 checkpointing uses, so backward recomputes them from W, which the model holds anyway.
 Reductions (the per-group scales) are left to the partitioner: they are small to keep.
 
-`qatfx.compile_regions` installs it (options={"joint_custom_pre_pass": ...}); for
+`qatfx.compile_regions` installs it (options={"joint_custom_post_pass": ...}: after
+Inductor's own joint-graph rewrites, whose new nodes would not carry the mark); for
 `torch.compile(prepared)` pass `options=qatfx.compile_options()`.
 """
 
@@ -50,7 +51,10 @@ def mark_weight_recompute(graph: torch.fx.Graph) -> int:
         if node.op != "call_function":
             continue
         inputs = node.all_input_nodes
-        if not inputs or not all(i in from_weights for i in inputs):
+        if not inputs:  # a constant (full, scalar_tensor): free to recompute with its users
+            from_weights.add(node)
+            continue
+        if not all(i in from_weights for i in inputs):
             continue
         from_weights.add(node)
         largest_input = max(_numel(i) for i in inputs)
@@ -73,4 +77,4 @@ class RecomputeWeightFakeQuant(CustomGraphPass):
 def compile_options() -> dict:
     """torch.compile `options` for training a prepared model: weights' fake quantization
     recomputed in backward, never kept from forward."""
-    return {"joint_custom_pre_pass": RecomputeWeightFakeQuant()}
+    return {"joint_custom_post_pass": RecomputeWeightFakeQuant()}
