@@ -29,7 +29,7 @@ def compile_and_run(module, x, **compile_kwargs):
     return expected, out, "\n".join(code)
 
 
-def assert_matches_eager(out, expected):
+def assert_matches_eager(out, expected, rtol=1e-3):
     # The CPU implementation of qatfx::w4a8_linear is the eager formula (dequantize, then
     # F.linear), so the only differences are Inductor's C++ code for the activation
     # quantization: a rounding tie resolved differently moves one int8 code of one token by
@@ -37,7 +37,7 @@ def assert_matches_eager(out, expected):
     # output's RMS). 1e-3 relative RMS allows a few such flips and fails on any real error
     # (a wrong scale, zero point or epilogue moves the output by > 1e-1). Measured: ~2e-7.
     rel = ((out.float() - expected.float()).norm() / expected.float().norm()).item()
-    assert rel < 1e-3, f"compiled output differs from eager by {rel:.2e} relative RMS"
+    assert rel < rtol, f"compiled output differs from eager by {rel:.2e} relative RMS"
 
 
 class Mlp2d(nn.Module):
@@ -169,6 +169,12 @@ def test_mixed_schemes_lower_each_layer_by_its_own_format():
     # qatfx::dequantize decomposed three times: the lm_head's and the embedding's int8 tables,
     # and the lm_head's activation (its int8 x int8 linear has no fused kernel)
     assert counters["qatfx"]["decompose_int_codes"] == 3
-    assert_matches_eager(out, expected)
+    # Plain Inductor gives the same difference as backend="qatfx" here: it is the decomposed
+    # attention and norms, not the lowering. On an AVX2 CPU Inductor's reductions round
+    # differently, flipped int8 activation codes in block 1 change block 2's and the 8da8w
+    # head's per-token codes too, and positions 2-7 differ (measured 3.7e-3 relative RMS on
+    # an AVX2 EPYC; 2e-7 on AVX-512). 2e-2 keeps 5x headroom; a wrong scale, zero point or
+    # table layout moves the logits by > 1e-1.
+    assert_matches_eager(out, expected, rtol=2e-2)
     for leftover in (".dequantize.default(", ".dequantize_int4.default("):
         assert leftover not in code
