@@ -297,7 +297,6 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--model", choices=tuple(MODELS), required=True)
     ap.add_argument("--worker", choices=CONFIGS, help=argparse.SUPPRESS)
     ap.add_argument("--rounds", type=int, default=2, help="every configuration runs once per round, in turn")
-    ap.add_argument("--configs", help="comma-separated subset of: " + "; ".join(CONFIGS))
     ap.add_argument("--out", type=Path)
     a, _ = ap.parse_known_args(argv)
     if a.worker:
