@@ -5,7 +5,9 @@
   (reference.fake_quantize), so Inductor fuses it with its neighbours and autograd derives
   the straight-through gradient. Run eagerly it is `qatfx.lean.fake_quantize`: the same
   values and gradient, computed in place, with a backward that keeps neither fq(W) nor
-  intermediate copies.
+  intermediate copies. Given `scale` (and `zero`), the trained qparams of a learnable
+  spec, it is `reference.fake_quantize_learned` (eager too), which also differentiates
+  them (LSQ).
 - `qatfx::quantize_dynamic` and `qatfx::dequantize` (convert) are opaque custom ops with
   fake (meta) kernels: they survive torch.export save/load and the lowering passes
   (`qatfx.lowering`) decide what each becomes. Each weight format (qatfx/formats/) defines
@@ -24,13 +26,15 @@ from qatfx.spec import TORCHAO, check_scale_rule
 _lib = torch.library.Library("qatfx", "DEF")
 
 _lib.define(
-    "fake_quantize(Tensor x, *, int qmin, int qmax, int group_size, bool symmetric, "
+    "fake_quantize(Tensor x, Tensor? scale=None, Tensor? zero=None, *, int qmin, int qmax, int group_size, bool symmetric, "
     "float? eps, ScalarType? scale_dtype, bool enabled=True, str scale_rule=\"torchao\") -> Tensor"
 )
 
 
 def _fake_quantize(
     x: torch.Tensor,
+    scale: Optional[torch.Tensor] = None,
+    zero: Optional[torch.Tensor] = None,
     *,
     qmin: int,
     qmax: int,
@@ -45,6 +49,8 @@ def _fake_quantize(
         # alias-free identity: exact, and Inductor drops the copy
         return x.clone()
     check_scale_rule(scale_rule, symmetric)
+    if scale is not None:  # a learnable spec: trained qparams, the reference's LSQ math
+        return reference.fake_quantize_learned(x, scale, zero, qmin, qmax, group_size, eps, scale_dtype)
     if lean.applies(x):
         return lean.fake_quantize(x, qmin, qmax, group_size, symmetric, eps, scale_dtype, scale_rule)
     return reference.fake_quantize(x, qmin, qmax, group_size, symmetric, eps, scale_dtype, scale_rule)

@@ -196,6 +196,50 @@ def fake_quantize(
     return _dequantize_blocks(q, scale, zero, x.dtype).reshape(x.shape)
 
 
+def learned_qparams(
+    scale: torch.Tensor,
+    zero: Optional[torch.Tensor],
+    qmin: int,
+    qmax: int,
+    eps: Optional[float],
+    scale_dtype: Optional[torch.dtype],
+    x_dtype: torch.dtype,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The qparams a trained (learnable) spec quantizes with, as `choose_qparams` would return
+    them: the scale clamped to eps in the parameter's dtype, then cast to the scale dtype; the
+    zero point clamped to [qmin, qmax] and rounded to an integer. Differentiable: the casts
+    pass the gradient through, the round is straight-through, the clamps mask it."""
+    out_dtype = x_dtype if scale_dtype is None else scale_dtype
+    s = torch.clamp(scale, min=_resolve_eps(eps, scale.dtype)).to(out_dtype)
+    z = None if zero is None else _round_ste(torch.clamp(zero, qmin, qmax)).to(out_dtype)
+    return s, z
+
+
+def fake_quantize_learned(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero: Optional[torch.Tensor],
+    qmin: int,
+    qmax: int,
+    group_size: int,
+    eps: Optional[float],
+    scale_dtype: Optional[torch.dtype],
+) -> torch.Tensor:
+    """Fake-quantize `x` with trained qparams: `fake_quantize`'s ops (quantize with the
+    reciprocal of the cast scale, round half to even, clamp, dequantize) on
+    `learned_qparams(scale, zero)`, so it equals `dequantize(quantize(x, s, z))` of those
+    qparams bit for bit. Gradients, with u = x / s and q = clamp(round(u) + z):
+
+        d/dx = 1 where qmin <= round(u) + z <= qmax, else 0            (straight-through)
+        d/ds = round(u) - u  inside the grid, q - z at a clamped code   (LSQ, Esser et al.)
+        d/dz = 0             inside the grid, -s at a clamped code       (LSQ+)
+
+    with no gradient scaling factor (Adam normalises per parameter anyway)."""
+    s, z = learned_qparams(scale, zero, qmin, qmax, eps, scale_dtype, x.dtype)
+    q = _quantize_blocks(_blocks(x, group_size), s, z, qmin, qmax)
+    return _dequantize_blocks(q, s, z, x.dtype).reshape(x.shape)
+
+
 def storage_dtype(qmin: int) -> torch.dtype:
     return torch.int8 if qmin < 0 else torch.uint8
 

@@ -242,6 +242,7 @@ def spec_to_json(spec: Optional[QuantSpec]) -> Optional[dict]:
         # written only when not the default, so every other save's manifest is unchanged
         **({"narrow": True} if spec.narrow else {}),
         **({"scale_rule": spec.scale_rule} if spec.scale_rule != TORCHAO else {}),
+        **({"learnable": True} if spec.learnable else {}),
     }
 
 
@@ -254,6 +255,7 @@ def spec_from_json(data: Optional[dict]) -> Optional[QuantSpec]:
         data["bits"], granularity, symmetric=data["symmetric"], signed=data["signed"],
         dynamic=data["dynamic"], eps=data["eps"], scale_dtype=_dtype(data["scale_dtype"]),
         narrow=data.get("narrow", False), scale_rule=data.get("scale_rule", TORCHAO),
+        learnable=data.get("learnable", False),
     )
 
 

@@ -91,6 +91,10 @@ class QuantSpec:
             s = max(absmax / h, eps) cast to scale_dtype,  used only to dequantize
             so codes are rounded with the uncast multiplier, and q * s uses the cast scale.
         `round` is ties-to-even in both; x_fq = q * s.
+    learnable: weights only. The scale (and an asymmetric spec's zero point) is a trained
+        parameter instead of being recomputed from the tensor: initialised by the rule
+        above, trained with the LSQ gradient, rounded to scale_dtype in every forward, and
+        stored by convert as trained (reference.fake_quantize_learned, docs/learnable_scales.md).
     """
 
     bits: int
@@ -102,6 +106,7 @@ class QuantSpec:
     scale_dtype: Optional[torch.dtype] = torch.float32
     narrow: bool = False
     scale_rule: str = TORCHAO
+    learnable: bool = False
 
     def __post_init__(self) -> None:
         if not 2 <= self.bits <= 8:
@@ -113,6 +118,11 @@ class QuantSpec:
         if self.eps is not None and not self.eps > 0:
             raise ValueError(f"QuantSpec.eps must be positive, got {self.eps}")
         check_scale_rule(self.scale_rule, self.symmetric)
+        if self.learnable and self.scale_rule != TORCHAO:
+            raise ValueError(
+                f"learnable=True trains the scale that rounds the codes (q = round(x / s)); the {self.scale_rule!r} "
+                "rule rounds with an uncast multiplier instead and is an activation rule: use scale_rule='torchao'"
+            )
 
     @property
     def qmin(self) -> int:
@@ -155,6 +165,7 @@ class QuantSpec:
         gran = f"group{g.group_size}" if isinstance(g, PerGroup) else type(g).__name__
         kind = "sym" if self.symmetric else "asym"
         extras = ("/narrow" if self.narrow else "") + ("" if self.scale_rule == TORCHAO else f"/{self.scale_rule}")
+        extras += "/learned" if self.learnable else ""
         return f"{'int' if self.signed else 'uint'}{self.bits}/{gran}/{kind}{extras}"
 
 

@@ -14,6 +14,11 @@ TRAIN_DROPOUT_META_KEY = "qatfx_train_dropout_p"  # an attention op's train-mode
 # GraphModule.meta
 HISTORY_META_KEY = "qatfx_pass_history"  # names of the passes run on the module, in order
 
+# A learnable weight spec's trained qparams: parameters registered beside the weight
+# (`<weight>_learned_scale`, `<weight>_learned_zero`), read by its fake-quant node.
+LEARNED_SCALE_SUFFIX = "_learned_scale"
+LEARNED_ZERO_SUFFIX = "_learned_zero"
+
 # Roles of a quantized operand.
 INPUT = "input"
 WEIGHT = "weight"

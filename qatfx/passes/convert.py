@@ -10,6 +10,8 @@ Rewrites to:
                 fq_w = qatfx.dequantize_int4(w_packed, w_scales, w_group_sums, 32, torch.float32)
         with one buffer `<layer>.weight_<part>` per part the format stores, computed from
         the parameter's current value; node.meta["qatfx_format"] names the format.
+        A learnable spec's weight is quantized with its trained qparams (the fake-quant's
+        scale / zero inputs, as the fake-quant cast and rounded them), which are deleted.
         An embedding table is a weight like any other: aten.embedding then reads the
         format's dequantize of the packed table; a table tied to a linear has one
         fake-quant, so it is packed once and both read the one dequantize node.
@@ -81,9 +83,13 @@ def _convert_weight(gm: torch.fx.GraphModule, fq: torch.fx.Node, spec: QuantSpec
     weight = get_attr_value(gm, param_node.target).detach()
     if transposed:
         weight = weight.t()
-    q, scale, zero = reference.quantize_dynamic(
-        weight, spec.qmin, spec.qmax, spec.group_size, spec.symmetric, spec.eps, spec.scale_dtype, spec.scale_rule
-    )
+    learned = [n for n in fq.args[1:] if n is not None]
+    if learned:
+        q, scale, zero = _quantize_learned(gm, weight, learned, spec)
+    else:
+        q, scale, zero = reference.quantize_dynamic(
+            weight, spec.qmin, spec.qmax, spec.group_size, spec.symmetric, spec.eps, spec.scale_dtype, spec.scale_rule
+        )
     base = param_node.target
     if warn_non_finite_weight(base.removesuffix(".weight"), weight, "convert_pt2e"):
         q = zero_codes_of_non_finite_groups(q, scale)
@@ -100,6 +106,18 @@ def _convert_weight(gm: torch.fx.GraphModule, fq: torch.fx.Node, spec: QuantSpec
     fq.replace_all_uses_with(dq)
     graph.erase_node(fq)
     _drop_unused(gm, source)
+    for read in learned:
+        _drop_unused(gm, read)
+
+
+@torch.no_grad()
+def _quantize_learned(gm: torch.fx.GraphModule, weight: torch.Tensor, reads: list, spec: QuantSpec):
+    """Codes and qparams of a learnable spec: its trained values, cast and rounded exactly as
+    its fake-quant uses them (reference.learned_qparams), so prepared == converted."""
+    values = [get_attr_value(gm, n.target).detach() for n in reads]
+    scale, zero = values[0], (values[1] if len(values) > 1 else None)
+    scale, zero = reference.learned_qparams(scale, zero, spec.qmin, spec.qmax, spec.eps, spec.scale_dtype, weight.dtype)
+    return reference.quantize(weight, scale, zero, spec.qmin, spec.qmax, spec.group_size), scale, zero
 
 
 def _drop_unused(gm: torch.fx.GraphModule, node: torch.fx.Node) -> None:

@@ -23,6 +23,10 @@ Ensures:     one fake_quantize per (operand, spec): q/k/v projections reading th
              one fake-quant feeding both (annotate checked their specs agree); other
              users of a weight (a tied embedding without embedding_spec) still read the
              float parameter; node.meta["val"] set on new nodes.
+             A learnable weight spec also gets its trained qparams: parameters
+             `<weight>_learned_scale` (and `_learned_zero` when asymmetric), in the
+             weight's dtype, initialised by the spec's rule from the current weight, read
+             by the fake-quant:  fq_w = qatfx.fake_quantize(w, w_learned_scale, None, ...)
 """
 
 from __future__ import annotations
@@ -30,11 +34,20 @@ from __future__ import annotations
 import torch
 import torch.fx
 
+from qatfx import reference
 from qatfx.ops import fake_quantize
 from qatfx.passes.infra import PassResult, requires
 from qatfx.graph.embedding_sites import find_embedding_sites
-from qatfx.graph.linear_sites import find_linear_sites
-from qatfx.graph.meta import ANNOTATION_KEY, INPUT, ROLE_META_KEY, SPEC_META_KEY, WEIGHT
+from qatfx.graph.linear_sites import find_linear_sites, get_attr_value
+from qatfx.graph.meta import (
+    ANNOTATION_KEY,
+    INPUT,
+    LEARNED_SCALE_SUFFIX,
+    LEARNED_ZERO_SUFFIX,
+    ROLE_META_KEY,
+    SPEC_META_KEY,
+    WEIGHT,
+)
 from qatfx.quantizer import EmbeddingAnnotation, LinearAnnotation
 from qatfx.spec import QuantSpec
 
@@ -48,6 +61,29 @@ def _insert_fake_quant(graph: torch.fx.Graph, source: torch.fx.Node, spec: Quant
     fq.meta[SPEC_META_KEY] = spec
     fq.meta[ROLE_META_KEY] = role
     return fq
+
+
+def _register_parameter(gm: torch.fx.GraphModule, qualified_name: str, value: torch.Tensor) -> None:
+    owner_path, _, name = qualified_name.rpartition(".")
+    owner = gm.get_submodule(owner_path) if owner_path else gm
+    owner.register_parameter(name, torch.nn.Parameter(value))
+
+
+def _learn_qparams(gm: torch.fx.GraphModule, fq: torch.fx.Node, weight_name: str, transposed: bool) -> None:
+    """Give a learnable weight fake-quant its trained qparams, initialised as the spec's rule
+    computes them from the weight now (so training starts from the dynamic rule's grid). They
+    are kept in the weight's dtype: FSDP2 shards trainable parameters of one dtype only."""
+    spec = fq.meta[SPEC_META_KEY]
+    weight = get_attr_value(gm, weight_name).detach()
+    weight = weight.t() if transposed else weight
+    scale, zero = reference.choose_qparams(weight, spec.qmin, spec.qmax, spec.group_size, spec.symmetric, spec.eps, spec.scale_dtype)
+    qparams = [(LEARNED_SCALE_SUFFIX, scale)] + ([] if zero is None else [(LEARNED_ZERO_SUFFIX, zero)])
+    reads = []
+    with gm.graph.inserting_before(fq):
+        for suffix, value in qparams:
+            _register_parameter(gm, weight_name + suffix, value.to(weight.dtype).contiguous())
+            reads.append(gm.graph.get_attr(weight_name + suffix))
+    fq.args = (fq.args[0], *reads)
 
 
 def _transpose(graph: torch.fx.Graph, source: torch.fx.Node) -> torch.fx.Node:
@@ -91,7 +127,9 @@ def insert_fake_quant(gm: torch.fx.GraphModule) -> PassResult:
                 fq = _insert_fake_quant(graph, n_by_k, annotation.weight_spec, WEIGHT)
                 made[key] = _transpose(graph, fq)
             else:
-                made[key] = _insert_fake_quant(graph, site.param_node, annotation.weight_spec, WEIGHT)
+                fq = made[key] = _insert_fake_quant(graph, site.param_node, annotation.weight_spec, WEIGHT)
+            if annotation.weight_spec.learnable:
+                _learn_qparams(gm, fq, site.param_name, site.param_is_k_by_n)
         site.param_user.replace_input_with(site.param_node, made[key])
 
     for site in find_embedding_sites(gm):
@@ -102,6 +140,8 @@ def insert_fake_quant(gm: torch.fx.GraphModule) -> PassResult:
         key = (site.param_node, annotation.weight_spec, False)  # a tied linear's key: one node
         if key not in made:
             made[key] = _insert_fake_quant(graph, site.param_node, annotation.weight_spec, WEIGHT)
+            if annotation.weight_spec.learnable:
+                _learn_qparams(gm, made[key], site.param_name, False)
         site.node.replace_input_with(site.param_node, made[key])
     return PassResult(gm, modified)
 

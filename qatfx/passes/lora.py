@@ -27,7 +27,14 @@ import torch
 import torch.fx
 
 from qatfx.graph.linear_sites import SITE_OPERANDS, LinearSite, find_linear_sites, get_attr_value
-from qatfx.graph.meta import ANNOTATION_KEY, ROLE_META_KEY, SPEC_META_KEY, WEIGHT
+from qatfx.graph.meta import (
+    ANNOTATION_KEY,
+    LEARNED_SCALE_SUFFIX,
+    LEARNED_ZERO_SUFFIX,
+    ROLE_META_KEY,
+    SPEC_META_KEY,
+    WEIGHT,
+)
 from qatfx.ops import fake_quantize
 from qatfx.passes.infra import PassResult, requires
 from qatfx.quantizer import LinearAnnotation, SkipAnnotation
@@ -234,11 +241,12 @@ def _check_rank(weight: torch.Tensor, layer: str, rank: int) -> None:
 def _freeze_own_copies(gm: torch.fx.GraphModule) -> None:
     """Frozen base: only the adapters train. Each parameter is re-registered as a new frozen
     Parameter on the same storage (no copy), so the user's model, which shares the tensors,
-    keeps its own requires_grad; a parameter registered under two names stays one."""
+    keeps its own requires_grad; a parameter registered under two names stays one. Learned
+    scales (a learnable spec's) are quantization parameters, not the base: they keep training."""
     frozen: dict = {}
     for module in gm.modules():
         for name, param in list(module._parameters.items()):
-            if param is not None:
+            if param is not None and not name.endswith((LEARNED_SCALE_SUFFIX, LEARNED_ZERO_SUFFIX)):
                 if id(param) not in frozen:
                     frozen[id(param)] = torch.nn.Parameter(param.detach(), requires_grad=False)
                 module._parameters[name] = frozen[id(param)]
@@ -253,6 +261,11 @@ def add_lora(config: LoRA):
         targets = [_target(sites.get(node), layer) for layer, node in _selected_sites(gm, config)]
         for t in targets:
             _check_rank(get_attr_value(gm, t.weight_name), t.layer, config.rank)
+            if config.mode == "torchtune" and len(t.fq.args) > 1:
+                raise ValueError(
+                    f"LoRA on {t.layer!r}: torchtune mode caches fq(W) as a buffer, so learned scales would never "
+                    "train; use mode='merge_consistent' (which trains fq(W + sBA) with them) or learnable_scales=False"
+                )
         _freeze_own_copies(gm)
         for t in targets:
             weight = get_attr_value(gm, t.weight_name)

@@ -6,8 +6,9 @@ apply (or why the layer is skipped) and writes that as a frozen annotation into
 
 from __future__ import annotations
 
+import copy
 import fnmatch
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterable, Optional, Union
 
 import torch
@@ -60,6 +61,9 @@ class Quantizer:
         spec (spec.int4_per_group_embedding / int8_per_row_embedding); None (default) leaves
         them in float. A table tied to a quantized linear's weight must use that linear's
         weight spec (one fake-quant, one stored table); prepare refuses otherwise.
+    learnable_scales: train the weights' (and embeddings') scales, and an asymmetric spec's
+        zero points, as parameters (LSQ; `QuantSpec.learnable`), initialised by the spec's
+        rule; convert stores the trained values. Activations keep their per-token rule.
     """
 
     def __init__(
@@ -70,7 +74,13 @@ class Quantizer:
         skip: Iterable[str] = (),
         skip_types: Iterable[Union[str, type]] = (),
         embedding_spec: Optional[QuantSpec] = None,
+        learnable_scales: bool = False,
     ) -> None:
+        if input_spec is not None and input_spec.learnable:
+            raise ValueError(
+                "an activation's qparams are computed per token at run time and cannot be learned; "
+                "learnable=True (learnable_scales=True) applies to weight and embedding specs"
+            )
         if input_spec is not None and not input_spec.dynamic:
             raise ValueError(
                 "static activation quantization (dynamic=False) needs observers, which qatfx "
@@ -83,6 +93,9 @@ class Quantizer:
                 f"embedding_spec must be a QuantSpec, got {type(embedding_spec).__name__}; "
                 "use qatfx.spec.int4_per_group_embedding(32) or int8_per_row_embedding()"
             )
+        if learnable_scales:
+            weight_spec = replace(weight_spec, learnable=True)
+            embedding_spec = None if embedding_spec is None else replace(embedding_spec, learnable=True)
         self.input_spec = input_spec
         self.weight_spec = weight_spec
         self.embedding_spec = embedding_spec
@@ -94,6 +107,15 @@ class Quantizer:
     def quantizes_embeddings(self) -> bool:
         """Whether some embedding table may be quantized (region capture then captures them)."""
         return self.embedding_spec is not None
+
+    def with_learnable_scales(self) -> "Quantizer":
+        """A copy that trains its weight and embedding scales (as `learnable_scales=True`),
+        e.g. of a preset: `qatfx.presets.executorch_llama().with_learnable_scales()`."""
+        learned = copy.copy(self)
+        learned.weight_spec = replace(self.weight_spec, learnable=True)
+        if self.embedding_spec is not None:
+            learned.embedding_spec = replace(self.embedding_spec, learnable=True)
+        return learned
 
     def warn_unmatched_rules(self, graphs, other_layers=()) -> None:
         """Warn about rules that matched no layer (MixedQuantizer); a single-scheme

@@ -15,7 +15,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterable, Optional, Sequence
 
 import torch
@@ -67,6 +67,10 @@ class Rule:
         return f"rule {self.index} ({shown} -> {self.scheme})"
 
 
+def _learnable(rule: Rule) -> Rule:
+    return replace(rule, quantizer=None if rule.quantizer is None else rule.quantizer.with_learnable_scales())
+
+
 def _same_class(cls: type, module_type: str) -> bool:
     """nn_module_stack records "package.module.Class" (or a bare qualname)."""
     return module_type in (f"{cls.__module__}.{cls.__qualname__}", cls.__qualname__)
@@ -108,14 +112,19 @@ class MixedQuantizer(Quantizer):
     prepare refuses otherwise, naming both rules. prepare_pt2e warns (UnmatchedRuleWarning)
     for a rule that matched no layer, naming the closest layer names. Each quantizer's own
     `skip` / `skip_types` and layout checks still apply to the layers it gets.
+    learnable_scales: every rule's quantizer (and the default) trains its scales (see
+    `Quantizer`).
     """
 
-    def __init__(self, rules: Sequence, *, default: Optional[Quantizer]) -> None:
+    def __init__(self, rules: Sequence, *, default: Optional[Quantizer], learnable_scales: bool = False) -> None:
         if isinstance(rules, (str, bytes)) or not isinstance(rules, (list, tuple)):
             raise TypeError(f"MixedQuantizer rules must be a list of (pattern, quantizer) pairs, got {rules!r}")
         self.rules = tuple(_rule(i, r) for i, r in enumerate(rules))
         if default is not None and (not isinstance(default, Quantizer) or isinstance(default, MixedQuantizer)):
             raise TypeError(f"MixedQuantizer default must be a qatfx Quantizer or None, got {type(default).__name__}")
+        if learnable_scales:
+            self.rules = tuple(_learnable(r) for r in self.rules)
+            default = default and default.with_learnable_scales()
         self.default = Rule(None, (), default)
         schemes = [r.quantizer for r in (*self.rules, self.default) if r.quantizer is not None]
         if not schemes:
@@ -123,6 +132,12 @@ class MixedQuantizer(Quantizer):
         # the protocol's single-scheme attributes name the default, as torchao's set_global does
         first = default or schemes[0]
         super().__init__(first.input_spec, first.weight_spec, embedding_spec=first.embedding_spec)
+
+    def with_learnable_scales(self) -> "MixedQuantizer":
+        learned = super().with_learnable_scales()
+        learned.rules = tuple(_learnable(r) for r in self.rules)
+        learned.default = _learnable(self.default)
+        return learned
 
     @property
     def quantizes_embeddings(self) -> bool:

@@ -36,6 +36,7 @@ class Int8DynActInt4WeightQuantizer(Quantizer):
         skip: Iterable[str] = (),
         skip_types: Iterable[Union[str, type]] = (),
         embedding_spec: Optional[QuantSpec] = None,
+        learnable_scales: bool = False,
     ) -> None:
         super().__init__(
             int8_per_token_activation(legacy_eps=legacy_eps),
@@ -43,6 +44,7 @@ class Int8DynActInt4WeightQuantizer(Quantizer):
             skip=skip,
             skip_types=skip_types,
             embedding_spec=embedding_spec,
+            learnable_scales=learnable_scales,
         )
         self.group_size = group_size
 
@@ -71,6 +73,7 @@ class Int8DynActInt8WeightQuantizer(Quantizer):
         skip: Iterable[str] = (),
         skip_types: Iterable[Union[str, type]] = (),
         embedding_spec: Optional[QuantSpec] = None,
+        learnable_scales: bool = False,
     ) -> None:
         super().__init__(
             int8_per_token_activation(legacy_eps=legacy_eps),
@@ -78,14 +81,17 @@ class Int8DynActInt8WeightQuantizer(Quantizer):
             skip=skip,
             skip_types=skip_types,
             embedding_spec=embedding_spec,
+            learnable_scales=learnable_scales,
         )
 
 
 class Int8WeightOnlyQuantizer(Quantizer):
     """int8 symmetric per-channel weights, float activations."""
 
-    def __init__(self, *, skip: Iterable[str] = (), skip_types: Iterable[Union[str, type]] = ()) -> None:
-        super().__init__(None, int8_per_channel_weight(), skip=skip, skip_types=skip_types)
+    def __init__(
+        self, *, skip: Iterable[str] = (), skip_types: Iterable[Union[str, type]] = (), learnable_scales: bool = False
+    ) -> None:
+        super().__init__(None, int8_per_channel_weight(), skip=skip, skip_types=skip_types, learnable_scales=learnable_scales)
 
 
 class Int4WeightOnlyQuantizer(Quantizer):
@@ -99,10 +105,12 @@ class Int4WeightOnlyQuantizer(Quantizer):
         skip: Iterable[str] = (),
         skip_types: Iterable[Union[str, type]] = (),
         embedding_spec: Optional[QuantSpec] = None,
+        learnable_scales: bool = False,
     ) -> None:
         super().__init__(
             None, int4_per_group_weight(group_size, scales_precision), skip=skip, skip_types=skip_types,
             embedding_spec=embedding_spec,
+            learnable_scales=learnable_scales,
         )
         self.group_size = group_size
 
@@ -133,8 +141,10 @@ class LlamaCppQuantizer(Quantizer):
         skip: Iterable[str] = (),
         skip_types: Iterable[Union[str, type]] = (),
         embedding_spec: Optional[QuantSpec] = None,
+        learnable_scales: bool = False,
     ) -> None:
         super().__init__(
-            q8_0_activation(), q4_0_weight(), skip=skip, skip_types=skip_types, embedding_spec=embedding_spec
+            q8_0_activation(), q4_0_weight(), skip=skip, skip_types=skip_types, embedding_spec=embedding_spec,
+            learnable_scales=learnable_scales,
         )
         self.group_size = 32
