@@ -12,11 +12,13 @@ from qatfx.api import (
     disable_fake_quant,
     enable_fake_quant,
     fake_quant_enabled,
+    learned_qparams,
     merge_lora,
     prepare_pt2e,
     prepare_qat_pt2e,
 )
 from qatfx.capture import CaptureError
+from qatfx.distillation import TeacherMemory, distillation_loss, frozen_teacher
 from qatfx.module import QATGraphModule
 from qatfx.passes.finite_check import NonFiniteWarning
 from qatfx.passes.lora import LoRA
@@ -55,12 +57,16 @@ __all__ = [
     "QuantizationSummary",
     "Quantizer",
     "SerializationError",
+    "TeacherMemory",
     "compile_options",
     "compile_regions",
     "convert_pt2e",
     "disable_fake_quant",
+    "distillation_loss",
     "enable_fake_quant",
     "fake_quant_enabled",
+    "frozen_teacher",
+    "learned_qparams",
     "load",
     "merge_lora",
     "prepare_pt2e",

@@ -12,7 +12,8 @@ import torch.fx
 from torch.utils import _pytree as pytree
 
 from qatfx.capture import CaptureError, capture
-from qatfx.graph.meta import CONVERTED, PREPARED
+from qatfx.graph.linear_sites import get_attr_value
+from qatfx.graph.meta import CONVERTED, LEARNED_SCALE_SUFFIX, LEARNED_ZERO_SUFFIX, PREPARED
 from qatfx.graph.regions import graph_regions, is_regional, model_stage
 from qatfx.module import QATGraphModule, captured_copy, keep_model_attributes, copy_model_sharing_tensors, copy_sharing_tensors
 from qatfx.passes.annotate import annotate_pass
@@ -152,6 +153,7 @@ def _prepare_regions(
     prepared.qatfx_example_inputs = pytree.tree_map(lambda v: v.detach().clone() if isinstance(v, torch.Tensor) else v, (args, kwargs))
     layers = list(prepared.qatfx_outside_layers)
     tables: dict = {}  # a tied embedding and lm_head are two regions: one grid across them
+    learned: dict = {}  # ... and, for a learnable spec, one set of trained qparams
     for path, call in calls.items():
         region = prepared.get_submodule(path)
         try:
@@ -167,6 +169,7 @@ def _prepare_regions(
         gm.qatfx_dump_dir = None if dump_dir is None else str(Path(dump_dir) / path)
         gm.train(region.training)
         layers += _prepare_graph(gm, quantizer, gm.dump_folder(), check_finite, tables)
+        _share_learned_qparams(gm, learned)
         replace_module(prepared, path, gm)
     if not any(r.quantized for r in layers):
         raise ValueError(_nothing_to_quantize(quantizer, layers))
@@ -174,7 +177,37 @@ def _prepare_regions(
     return prepared
 
 
+def _share_learned_qparams(gm: QATGraphModule, learned: dict) -> None:
+    """A table two regions quantize (tied embedding and lm_head) got trained qparams in each:
+    the later region reads the first one's parameters instead, so one grid trains."""
+    for fq in fake_quant_nodes(gm):
+        weight = fq.args[0]
+        if len(fq.args) < 2 or weight.op != "get_attr":
+            continue
+        table = get_attr_value(gm, weight.target)
+        key = (table.untyped_storage().data_ptr(), table.storage_offset(), tuple(table.shape))
+        reads = [n for n in fq.args[1:] if n is not None]
+        first = learned.setdefault(key, [get_attr_value(gm, n.target) for n in reads])
+        for read, param in zip(reads, first):
+            owner_path, _, name = read.target.rpartition(".")
+            setattr(gm.get_submodule(owner_path) if owner_path else gm, name, param)
+
+
 prepare_qat_pt2e = prepare_pt2e  # torchao's name
+
+
+def learned_qparams(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """The trained scales (and zero points) of a model prepared with learnable_scales=True,
+    by parameter name: give them their own optimizer group, e.g.
+
+        scales = qatfx.learned_qparams(prepared)
+        others = [p for p in prepared.parameters() if all(p is not s for s in scales.values())]
+        torch.optim.AdamW([{"params": others}, {"params": list(scales.values()), "lr": 1e-4}], lr=1e-5)
+    """
+    return {
+        name: param for name, param in model.named_parameters()
+        if name.endswith((LEARNED_SCALE_SUFFIX, LEARNED_ZERO_SUFFIX))
+    }
 
 
 def _add_lora(gm: QATGraphModule, config: LoRA) -> None:
