@@ -186,12 +186,6 @@ def check_teacher(teacher: nn.Module, student: nn.Module) -> None:
     """Refuse a teacher that would train or follow the student's training: one with
     parameters that require grad, or sharing storage with a parameter the student trains
     (passing the float model itself, whose tensors prepare_pt2e trains in place)."""
-    trainable = [name for name, p in teacher.named_parameters() if p.requires_grad]
-    if trainable:
-        raise ValueError(
-            f"the teacher has {len(trainable)} parameters that require grad (e.g. {trainable[0]!r}); "
-            "build it with qatfx.frozen_teacher(float_model, student) (frozen, eval mode)"
-        )
     trained = {_storage_key(p): name for name, p in student.named_parameters() if p.requires_grad}
     shared = [name for name, t in (*teacher.named_parameters(), *teacher.named_buffers()) if _storage_key(t) in trained]
     if shared:
@@ -199,6 +193,12 @@ def check_teacher(teacher: nn.Module, student: nn.Module) -> None:
             f"the teacher shares the storage of {len(shared)} tensors the student trains (e.g. {shared[0]!r}), so it would "
             "follow the student's training (prepare_pt2e trains the float model's tensors in place); build it with "
             "qatfx.frozen_teacher(float_model, student=prepared) after prepare and before training"
+        )
+    trainable = [name for name, p in teacher.named_parameters() if p.requires_grad]
+    if trainable:
+        raise ValueError(
+            f"the teacher has {len(trainable)} parameters that require grad (e.g. {trainable[0]!r}); "
+            "build it with qatfx.frozen_teacher(float_model, student) (frozen, eval mode)"
         )
 
 
