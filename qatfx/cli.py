@@ -3,6 +3,7 @@
     qatfx demo [--preset tiny|default|full] [--seeds N] [--text FILE] [--out DIR] [--export executorch,gguf,hf]
     qatfx finetune --model HF_DIR|builtin:charlm --text FILE --out DIR [--group-size G] ...
     qatfx eval --model OUT|HF_DIR|builtin:charlm --text FILE [--seq-len N]
+    qatfx eval --model OUT|HF_DIR|builtin:charlm --tasks T1,T2 [--text CORPUS] [--include-path DIR] [--limit N] [--batch-size B] [--out FILE.json]
     qatfx export --format executorch --model DIR --out FILE.pte [--min-agreement X] [--max-relative-error E] [--no-verify]
     qatfx export --format gguf --model DIR --out FILE.gguf [--embeddings q8_0|f16|f32] [--output ...] [--allow-rounding] [--no-verify]
     qatfx export --format hf --model DIR --out OUT_DIR [--dtype D] [--quantize-lm-head] [--weight-only] [--no-verify]
@@ -55,6 +56,20 @@ def _chosen_from(value: str, known, choose: str) -> tuple:
     if not names or any(n not in known for n in names):
         raise argparse.ArgumentTypeError(f"{value!r}: choose {choose}")
     return names
+
+
+def _lm_eval_tasks(value: str) -> tuple:
+    tasks = _comma_separated(value)
+    if not tasks:
+        raise argparse.ArgumentTypeError(f"{value!r}: give comma-separated lm-eval task names, e.g. qatfx_heldout_ppl,hellaswag")
+    return tasks
+
+
+def _limit(value: str) -> float:
+    number = float(value)
+    if not number > 0 or (number >= 1 and not number.is_integer()):
+        raise argparse.ArgumentTypeError(f"must be a whole number of documents >= 1 or a fraction in (0, 1), got {value}")
+    return int(number) if number >= 1 else number
 
 
 def _patterns(value: str) -> tuple:
@@ -132,10 +147,26 @@ def _parser() -> argparse.ArgumentParser:
                           help="comma-separated fnmatch layer names (default: the Llama q/v/o/gate/up/down projections)")
     finetune.add_argument("--eager", action="store_true", help="train without torch.compile (debugging, tiny models)")
 
-    evaluate = commands.add_parser("eval", help="test perplexity of a finetune output (or a float model) on a text file")
-    evaluate.add_argument("--model", required=True, help="a `qatfx finetune` output directory, a transformers directory, or builtin:charlm")
-    evaluate.add_argument("--text", type=Path, required=True)
-    evaluate.add_argument("--seq-len", type=_positive_int, help="window length (default: the finetune output's, else 128)")
+    evaluate = commands.add_parser("eval", help="test perplexity of a finetune output (or a float model) on a text file (--text), "
+                                   "or lm-evaluation-harness tasks (--tasks)")
+    evaluate.add_argument("--model", required=True,
+                          help="a `qatfx finetune` output directory, a transformers directory (an HF export too), or builtin:charlm")
+    evaluate.add_argument("--text", type=Path,
+                          help="alone: the text whose perplexity is printed; with --tasks: the corpus whose test split "
+                          "(the last 5%%, held out by finetune) builds the qatfx_heldout_ppl / qatfx_heldout_choice tasks")
+    evaluate.add_argument("--seq-len", type=_positive_int,
+                          help="window length (default: the finetune output's, else 128; --tasks: else the model's max_position_embeddings)")
+    evaluate.add_argument("--tasks", type=_lm_eval_tasks, metavar="TASKS",
+                          help="comma-separated lm-evaluation-harness tasks instead of --text's perplexity: qatfx_heldout_ppl, "
+                          "qatfx_heldout_choice (from --text, offline), hellaswag, wikitext, ... (pip install 'qatfx[eval]'; docs/lm_eval.md)")
+    evaluate.add_argument("--include-path", type=Path, action="append", default=[], metavar="DIR",
+                          help="--tasks: a folder of your own lm-eval task YAML files (repeatable)")
+    evaluate.add_argument("--limit", type=_limit, help="--tasks: at most N documents per task (a number below 1: that fraction of each)")
+    evaluate.add_argument("--batch-size", type=_positive_int, help="--tasks: requests of equal length run together (default 1)")
+    evaluate.add_argument("--tokenizer", type=Path,
+                          help="--tasks: the tokenizer of a model directory that has none: a `qatfx finetune` output "
+                          "(e.g. the one an HF export of builtin:charlm came from) or a transformers tokenizer directory")
+    evaluate.add_argument("--out", type=Path, help="--tasks: also write lm-eval's results as JSON to this file")
 
     export = commands.add_parser("export", help="write a converted model for a serving runtime (ExecuTorch .pte, llama.cpp GGUF) and verify it")
     export.add_argument("--format", choices=(*EXPORT_SUFFIXES, "hf"), default="executorch")
@@ -308,9 +339,47 @@ def _run(args: argparse.Namespace) -> int:
         report = finetune(options)
         sys.stdout.write((args.out / "report.md").read_text())
         return 0 if report else 1
-    from qatfx.recipes.finetune import evaluate
+    return _eval(args)
 
-    sys.stdout.write(f"test perplexity: {evaluate(args.model, args.text, args.seq_len):.4f}\n")
+
+def _eval(args: argparse.Namespace) -> int:
+    """--text alone: the file's perplexity; --tasks: lm-eval's table (docs/lm_eval.md)."""
+    if args.tasks is None:
+        task_only = [flag for flag, value in (("--include-path", args.include_path), ("--limit", args.limit),
+                     ("--batch-size", args.batch_size), ("--tokenizer", args.tokenizer), ("--out", args.out)) if value]
+        if args.text is None:
+            raise ValueError("eval: give --text FILE (that file's perplexity) or --tasks TASKS (lm-evaluation-harness tasks, "
+                             "e.g. --tasks qatfx_heldout_ppl,qatfx_heldout_choice --text CORPUS)")
+        if task_only:
+            raise ValueError(f"{', '.join(task_only)} configure lm-eval tasks; add --tasks TASKS, or drop them")
+        from qatfx.recipes.finetune import evaluate
+
+        sys.stdout.write(f"test perplexity: {evaluate(args.model, args.text, args.seq_len):.4f}\n")
+        return 0
+    from qatfx.recipes.corpus import load_text
+    from qatfx.recipes.lm_eval_tasks import LOCAL_TASKS, write_local_task
+
+    local = [task for task in args.tasks if task in LOCAL_TASKS]
+    if local and args.text is None:
+        raise ValueError(f"{', '.join(local)}: built from the test split of a text; pass --text CORPUS (the file the model "
+                         "was fine-tuned on: its last 5% was held out)")
+    try:
+        from qatfx.recipes import lm_eval as harness
+    except ImportError as error:
+        raise ValueError(str(error)) from error  # exit 2 with the install command
+    text = None if args.text is None else load_text(args.text)
+    lm = harness.load_lm(args.model, tokenizer=args.tokenizer, max_length=args.seq_len, text=text, batch_size=args.batch_size)
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="qatfx-lm-eval-") as tasks_dir:
+        if local:
+            write_local_task(text, tasks_dir)
+        results = harness.evaluate_tasks(lm, args.tasks, [*([tasks_dir] if local else []), *args.include_path], limit=args.limit)
+    sys.stdout.write(f"qatfx eval {args.model}: {lm.describe()}\n{harness.results_table(results)}")
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(harness.results_json(results))
+        sys.stdout.write(f"results: {args.out}\n")
     return 0
 
 
