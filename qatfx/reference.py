@@ -18,6 +18,7 @@ quantize_row_q8_0 does. `quantize_dynamic` and `fake_quantize` take either.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -133,7 +134,13 @@ def _quantize_blocks(
     """clamp(round(x * (1 / s)) + z, qmin, qmax): multiply by the reciprocal, round before
     adding z (torchao `_quantize_affine_no_dtype_cast`). Differentiable: straight-through
     round, and clamp's own backward gives the [qmin, qmax] mask."""
-    t = _round_ste(blocks * (1.0 / scale.unsqueeze(-1)))
+    return _quantize_with_reciprocal(blocks, 1.0 / scale, zero, qmin, qmax)
+
+
+def _quantize_with_reciprocal(
+    blocks: torch.Tensor, inverse: torch.Tensor, zero: Optional[torch.Tensor], qmin: int, qmax: int
+) -> torch.Tensor:
+    t = _round_ste(blocks * inverse.unsqueeze(-1))
     if zero is not None:
         t = t + zero.unsqueeze(-1)
     return torch.clamp(t, qmin, qmax)
@@ -208,9 +215,14 @@ def learned_qparams(
     """The qparams a trained (learnable) spec quantizes with, as `choose_qparams` would return
     them: the scale clamped to eps in the parameter's dtype, then cast to the scale dtype; the
     zero point clamped to [qmin, qmax] and rounded to an integer. Differentiable: the casts
-    pass the gradient through, the round is straight-through, the clamps mask it."""
+    pass the gradient through, the round is straight-through, the clamps mask it.
+
+    The clamp is also never below the smallest power of two whose reciprocal is finite in
+    the scale dtype (2^-15 in fp16): codes are rounded with 1 / s, and a trained scale can
+    reach any value, where 1 / s = inf would turn a zero weight into NaN."""
     out_dtype = x_dtype if scale_dtype is None else scale_dtype
-    s = torch.clamp(scale, min=_resolve_eps(eps, scale.dtype)).to(out_dtype)
+    floor = max(_resolve_eps(eps, scale.dtype), 2.0 ** -math.floor(math.log2(torch.finfo(out_dtype).max)))
+    s = torch.clamp(scale, min=floor).to(out_dtype)
     z = None if zero is None else _round_ste(torch.clamp(zero, qmin, qmax)).to(out_dtype)
     return s, z
 
@@ -236,8 +248,20 @@ def fake_quantize_learned(
 
     with no gradient scaling factor (Adam normalises per parameter anyway)."""
     s, z = learned_qparams(scale, zero, qmin, qmax, eps, scale_dtype, x.dtype)
-    q = _quantize_blocks(_blocks(x, group_size), s, z, qmin, qmax)
+    q = _quantize_with_reciprocal(_blocks(x, group_size), _learned_reciprocal(s), z, qmin, qmax)
     return _dequantize_blocks(q, s, z, x.dtype).reshape(x.shape)
+
+
+def _learned_reciprocal(s: torch.Tensor) -> torch.Tensor:
+    """1 / s with the value `_quantize_blocks` uses (c). An fp16 s is differentiated through
+    r = 1 / float32(s) instead: the fp16 backward's intermediate 1 / s^2 overflows for
+    s < 2^-8, and a Q8_0 scale is ~absmax / 127. The value stays c: c - r is exact, c being
+    within a factor 2 of r (Sterbenz), so r + (c - r) is c."""
+    inverse = 1.0 / s
+    if s.dtype != torch.float16:
+        return inverse
+    r = 1.0 / s.float()
+    return (r + (inverse.detach().float() - r).detach()).to(torch.float16)
 
 
 def storage_dtype(qmin: int) -> torch.dtype:

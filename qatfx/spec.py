@@ -95,6 +95,9 @@ class QuantSpec:
         parameter instead of being recomputed from the tensor: initialised by the rule
         above, trained with the LSQ gradient, rounded to scale_dtype in every forward, and
         stored by convert as trained (reference.fake_quantize_learned, docs/learnable_scales.md).
+        Codes are then round(x * (1 / s)) whatever the rule: the "ggml" rule only gives the
+        starting scale (its multiplier h / absmax has no trained counterpart); a Q8_0 block
+        is still codes and d = s.
     """
 
     bits: int
@@ -118,11 +121,6 @@ class QuantSpec:
         if self.eps is not None and not self.eps > 0:
             raise ValueError(f"QuantSpec.eps must be positive, got {self.eps}")
         check_scale_rule(self.scale_rule, self.symmetric)
-        if self.learnable and self.scale_rule != TORCHAO:
-            raise ValueError(
-                f"learnable=True trains the scale that rounds the codes (q = round(x / s)); the {self.scale_rule!r} "
-                "rule rounds with an uncast multiplier instead and is an activation rule: use scale_rule='torchao'"
-            )
 
     @property
     def qmin(self) -> int:

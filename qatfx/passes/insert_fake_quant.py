@@ -49,7 +49,7 @@ from qatfx.graph.meta import (
     WEIGHT,
 )
 from qatfx.quantizer import EmbeddingAnnotation, LinearAnnotation
-from qatfx.spec import QuantSpec
+from qatfx.spec import GGML, QuantSpec
 
 aten = torch.ops.aten
 
@@ -76,7 +76,10 @@ def _learn_qparams(gm: torch.fx.GraphModule, fq: torch.fx.Node, weight_name: str
     spec = fq.meta[SPEC_META_KEY]
     weight = get_attr_value(gm, weight_name).detach()
     weight = weight.t() if transposed else weight
-    scale, zero = reference.choose_qparams(weight, spec.qmin, spec.qmax, spec.group_size, spec.symmetric, spec.eps, spec.scale_dtype)
+    if spec.scale_rule == GGML:
+        scale, zero = reference.ggml_qparams(weight, spec.qmin, spec.qmax, spec.group_size, spec.eps, spec.scale_dtype)[0], None
+    else:
+        scale, zero = reference.choose_qparams(weight, spec.qmin, spec.qmax, spec.group_size, spec.symmetric, spec.eps, spec.scale_dtype)
     qparams = [(LEARNED_SCALE_SUFFIX, scale)] + ([] if zero is None else [(LEARNED_ZERO_SUFFIX, zero)])
     reads = []
     with gm.graph.inserting_before(fq):
