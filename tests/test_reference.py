@@ -285,3 +285,93 @@ def test_q4_0_weight_spec_keeps_zero_and_tiny_groups_finite():
     assert torch.isfinite(q4_0).all() and (q4_0[0, :32] == 0).all()
     torch.testing.assert_close(q4_0[:, 32:], plain[:, 32:], atol=0, rtol=0)
     torch.testing.assert_close(q4_0[2:], plain[2:], atol=0, rtol=0)
+
+
+# ---- learned qparams (QuantSpec.learnable) ---------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("symmetric", [True, False], ids=["symmetric", "asymmetric"])
+def test_learned_fake_quant_at_the_rules_qparams_is_the_dynamic_fake_quant(dtype, symmetric):
+    """Same ops on the same (cast) qparams: exact."""
+    x = torch.randn(16, 64, generator=torch.Generator().manual_seed(0)).to(dtype)
+    qmin, qmax = (-8, 7) if symmetric else (0, 15)
+    scale, zero = reference.choose_qparams(x, qmin, qmax, 32, symmetric, None, torch.float32)
+    learned = reference.fake_quantize_learned(x, scale.to(dtype), None if zero is None else zero.to(dtype), qmin, qmax, 32, None, torch.float32)
+    assert torch.equal(learned, reference.fake_quantize(x, qmin, qmax, 32, symmetric, None, torch.float32))
+
+
+def _grid_points(n: int, group: int, seed: int, inside: float, outside: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 (x, s) with x / s at least 0.1 from every rounding tie and clamp boundary:
+    most codes strictly inside [qmin + 1, qmax - 1], every 8th one well outside the grid, so
+    the surrogate below is smooth around s."""
+    g = torch.Generator().manual_seed(seed)
+    s = (0.5 + torch.rand(n, 1, generator=g, dtype=torch.float64)) * 0.01
+    u = torch.randint(-6, 6, (n, group), generator=g).double() + 0.1 + 0.3 * torch.rand(n, group, generator=g, dtype=torch.float64)
+    u = u.clamp(-inside, inside)
+    u[:, ::8] = outside * torch.sign(torch.randn(n, group // 8, generator=g, dtype=torch.float64))
+    return u * s, s
+
+
+def test_learned_scale_gradient_is_lsq_by_finite_differences_of_the_surrogate():
+    """The straight-through estimator differentiates fq as if round(u) were u + c, with c =
+    round(u0) - u0 held fixed: fq(s) = (clamp(x / s + c, qmin, qmax)) * s, a smooth function
+    of s near s0 when no x / s sits on a clamp boundary. Its central difference (float64,
+    h = 1e-7 s: truncation ~h^2 |f'''| and roundoff ~1e-16 |f| / h, both < 1e-8 relative) must
+    equal autograd's LSQ gradient, round(u) - u inside the grid and qmax / qmin at a clamped code."""
+    qmin, qmax, group = -8, 7, 32
+    x, s0 = _grid_points(6, group, seed=1, inside=6.4, outside=9.3)
+    weights = torch.randn(x.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    scale = s0.clone().requires_grad_(True)
+    (weights * reference.fake_quantize_learned(x, scale, None, qmin, qmax, group, None, None)).sum().backward()
+
+    c = torch.round(x * (1.0 / s0)) - x * (1.0 / s0)
+
+    def surrogate(s):  # per row: one scale per row (group = K)
+        return (weights * torch.clamp(x * (1.0 / s) + c, qmin, qmax) * s).sum(-1, keepdim=True)
+
+    h = 1e-7 * s0
+    numeric = (surrogate(s0 + h) - surrogate(s0 - h)) / (2 * h)
+    torch.testing.assert_close(scale.grad, numeric, rtol=1e-6, atol=0)
+    # and the closed form the docstring states
+    u = x / s0
+    q = torch.clamp(torch.round(u), qmin, qmax)
+    lsq = torch.where(q == torch.round(u), torch.round(u) - u, q)
+    torch.testing.assert_close(scale.grad, (weights * lsq).sum(-1, keepdim=True), rtol=1e-12, atol=1e-15)
+
+
+def test_learned_zero_point_gradient_is_lsq_plus_by_finite_differences():
+    """Asymmetric: fq = (clamp(x / s + c + z, qmin, qmax) - z) * s. d/dz is 0 inside the grid
+    and -s at a clamped code; d/ds as for the symmetric case. Central differences in both
+    (the zero point's straight-through round makes z + cz the surrogate's z)."""
+    qmin, qmax, group = 0, 15, 32
+    x, s0 = _grid_points(6, group, seed=3, inside=6.4, outside=9.3)
+    z0 = torch.full_like(s0, 7.0)  # codes u + 7 in [0.6, 13.4] inside, 16.3 / -2.3 outside
+    weights = torch.randn(x.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    scale, zero = s0.clone().requires_grad_(True), (z0 + 0.2).requires_grad_(True)  # rounds to 7
+    (weights * reference.fake_quantize_learned(x, scale, zero, qmin, qmax, group, None, None)).sum().backward()
+
+    c = torch.round(x * (1.0 / s0)) - x * (1.0 / s0)
+
+    def surrogate(s, z):
+        return (weights * (torch.clamp(x * (1.0 / s) + c + z, qmin, qmax) - z) * s).sum(-1, keepdim=True)
+
+    hs, hz = 1e-7 * s0, 1e-7
+    d_s = (surrogate(s0 + hs, z0) - surrogate(s0 - hs, z0)) / (2 * hs)
+    d_z = (surrogate(s0, z0 + hz) - surrogate(s0, z0 - hz)) / (2 * hz)
+    torch.testing.assert_close(scale.grad, d_s, rtol=1e-6, atol=0)
+    torch.testing.assert_close(zero.grad, d_z, rtol=1e-6, atol=1e-12)
+    assert (zero.grad != 0).all()  # every row has clamped codes
+
+
+def test_learned_fp16_scales_keep_a_finite_gradient_and_reciprocal():
+    """fp16 scales (Q4_0 / Q8_0): a Q8_0-sized scale (~1e-4) gives a finite gradient (the
+    reciprocal is differentiated in float32), and a scale trained down to 0 or below is
+    floored at 2^-15, whose fp16 reciprocal is finite, so no weight becomes NaN."""
+    x = torch.randn(4, 32, generator=torch.Generator().manual_seed(5)) * 1e-2
+    scale = torch.full((4, 1), 1e-4, requires_grad=True)
+    out = reference.fake_quantize_learned(x, scale, None, -127, 127, 32, 2.0**-25, torch.float16)
+    out.sum().backward()
+    assert torch.isfinite(scale.grad).all() and (scale.grad != 0).any()
+    collapsed = reference.fake_quantize_learned(x, torch.tensor([[0.0], [-1.0], [1e-9], [1e-4]]), None, -127, 127, 32, 2.0**-25, torch.float16)
+    assert torch.isfinite(collapsed).all()
