@@ -304,3 +304,27 @@ def test_per_channel_int8_layers_are_q8_0_when_their_scales_are_fp16_values(tmp_
     assert not (tmp_path / "et.gguf").exists()
     report = gguf(converted, tmp_path / "et.gguf", config=config, allow_rounding=True)
     assert "codes kept, scales rounded to fp16" in report.rounded["output.weight"][0]
+
+
+def test_learned_scales_are_written_as_trained(tmp_path):
+    """learnable_scales: the Q4_0 / Q8_0 blocks hold the trained fp16 scales, not the rule's:
+    the forward rounded them to fp16, so the file is the trained grid with nothing rounded,
+    and gguf's dequantizer reads back the converted model's weights bit for bit."""
+    torch.manual_seed(1)
+    quantizer = qatfx.presets.llama_cpp_q4_0().with_learnable_scales()
+    prepared = qatfx.prepare_pt2e(CausalLM(LLAMA_STYLE), quantizer, (tokens(2, 8, 96),)).train()
+    start = {n: p.detach().clone() for n, p in qatfx.learned_qparams(prepared).items()}
+    qat_steps(prepared, 96)
+    trained = qatfx.learned_qparams(prepared)["blocks.0.q_proj.weight_learned_scale"].detach()
+    assert not torch.equal(trained, start["blocks.0.q_proj.weight_learned_scale"])
+    converted = qatfx.convert_pt2e(prepared.eval())
+    report = gguf(converted, tmp_path / "learned.gguf", config=LLAMA_STYLE)
+    assert report.rounded == {} and report.verified == len(report.tensor_types)
+    reader = gguf_package.GGUFReader(str(report.path))
+    q_proj = next(t for t in reader.tensors if t.name == "blk.0.attn_q.weight")
+    weight = converted_tensors(converted).quantized["blocks.0.q_proj.weight"]
+    read_back = _dequantized(q_proj.data, q_proj.tensor_type, (64, 64))
+    # llama.cpp's q rows are permuted for its RoPE layout; the set of block scales is not
+    d = torch.from_numpy(np.frombuffer(q_proj.data.tobytes(), dtype=np.uint8).reshape(-1, 18)[:, :2].copy().view(np.float16).astype(np.float32)).flatten()
+    assert sorted(d.tolist()) == sorted(trained.to(torch.float16).float().flatten().tolist())
+    assert torch.equal(torch.sort(read_back.flatten()).values, torch.sort(weight.dequantized().flatten()).values)
