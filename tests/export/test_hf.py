@@ -547,3 +547,18 @@ def test_missing_compressed_tensors_names_the_extra(monkeypatch, tied_llama, tmp
     monkeypatch.setattr(builtins, "__import__", no_compressed_tensors)
     with pytest.raises(ExportError, match=r"pip install -e '\.\[hf\]'"):
         hf(tied_llama[0], tmp_path / "unused", config=CONFIG)
+
+
+def test_learned_scales_are_written_as_trained(tmp_path):
+    """learnable_scales with bfloat16 scales: the checkpoint's weight_scale is the trained
+    parameter rounded to bfloat16 (the value the forward used), and transformers computes
+    the converted model within the float bound."""
+    torch.manual_seed(0)
+    prepared = qatfx.prepare_pt2e(CausalLM(CONFIG).train(), weight_only(learnable_scales=True), (tokens(2, 8, VOCAB, 0),))
+    qat_steps(prepared, VOCAB, 2)
+    trained = qatfx.learned_qparams(prepared)["blocks.0.up_proj.weight_learned_scale"].detach()
+    converted = qatfx.convert_pt2e(prepared.eval())
+    report = hf(converted, tmp_path / "learned", config=CONFIG)
+    assert report.verification.logits.passed
+    written = load_file(str(report.path / "model.safetensors"))[hf_name("blocks.0.up_proj.weight").removesuffix(".weight") + ".weight_scale"]
+    assert torch.equal(written, trained.to(torch.bfloat16))
