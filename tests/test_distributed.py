@@ -146,9 +146,13 @@ FAMILIES = {"toy": _toy_model, "hf_llama": _hf_llama_model}
 
 
 def _prepare(family: str, regions):
-    model, logits_of = FAMILIES[family]()
+    """family "<name>" or "<name>+lsq" (learnable_scales: the trained scales are parameters
+    FSDP2 shards by rows like the weights)."""
+    name, _, lsq = family.partition("+")
+    model, logits_of = FAMILIES[name]()
     example_tokens = distributed_qat.global_batch(0, 2, 8)[:, :-1]
-    prepared = qatfx.prepare_pt2e(model, qatfx.Int8DynActInt4WeightQuantizer(32), (example_tokens,), regions=regions)
+    quantizer = qatfx.Int8DynActInt4WeightQuantizer(32, learnable_scales=bool(lsq))
+    prepared = qatfx.prepare_pt2e(model, quantizer, (example_tokens,), regions=regions)
     return prepared, logits_of
 
 
@@ -257,6 +261,7 @@ def _single_process(family: str, regions, parts: int, prepare=None):
     [
         "toy",  # ~15 s on 2 cores: 2 spawned ranks (import, prepare, 8 steps), 3 single-process runs
         pytest.param("hf_llama", marks=pytest.mark.long),  # ~20 s: transformers' import in each rank
+        pytest.param("toy+lsq", marks=pytest.mark.long),  # learned scales sharded and trained, ~20 s
     ],
 )
 def test_fsdp2_per_region_matches_single_process_training(tmp_path, family):
@@ -266,7 +271,8 @@ def test_fsdp2_per_region_matches_single_process_training(tmp_path, family):
     whole, whole_grads = _single_process(family, None, parts=WORLD)
 
     # the decoder blocks and lm_head, each its own FSDP unit; every parameter a row shard
-    blocks = {"toy": "blocks", "hf_llama": "model.layers"}[family]
+    blocks = {"toy": "blocks", "hf_llama": "model.layers"}[family.partition("+")[0]]
+    assert any(name.endswith("_learned_scale") for name in ranks["sharded"]) == family.endswith("+lsq")
     assert ranks["regions"] == [f"{blocks}.0", f"{blocks}.1", "lm_head"]
     assert all(ranks["fsdp_units"])
     for name, (kind, placements, local_shape) in ranks["sharded"].items():
