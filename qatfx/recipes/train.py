@@ -1,7 +1,10 @@
 """Training and evaluation loops shared by the demo and `qatfx finetune`.
 
 Training runs through `torch.compile` of whatever module it is given (a float model or a
-prepared QAT graph), as a user would run it. Perplexity is computed eagerly under no_grad
+prepared QAT graph), as a user would run it. With a teacher (knowledge distillation,
+qatfx.distillation) the loss is (1 - kd_weight) x cross-entropy + kd_weight x
+distillation_loss(student, teacher, temperature), LLM-QAT's and Gemma QAT's form
+(kd_weight 1: distillation only); the teacher runs under no_grad, compiled when the student is. Perplexity is computed eagerly under no_grad
 on non-overlapping windows, so a prepared model and its converted model are evaluated on
 exactly the same computation (the numerics contract says their logits are bit-identical).
 """
@@ -10,13 +13,15 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+
+from qatfx.distillation import check_kd_weight, check_teacher, check_temperature, distillation_loss
 
 
 @dataclass(frozen=True)
@@ -69,6 +74,25 @@ def deterministic_algorithms() -> Iterator[None]:
         torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
 
 
+@dataclass(frozen=True)
+class Distillation:
+    """Knowledge distillation for `train`: loss = (1 - kd_weight) x cross-entropy +
+    kd_weight x qatfx.distillation_loss(student, teacher, temperature).
+
+    teacher: a frozen model (qatfx.frozen_teacher) giving logits for the same tokens.
+    parts: filled by `train` with each step's "cross_entropy" and "distillation" terms
+        (before weighting), so both curves can be reported."""
+
+    teacher: nn.Module
+    kd_weight: float = 0.5
+    temperature: float = 1.0
+    parts: dict = field(default_factory=lambda: {"cross_entropy": [], "distillation": []}, compare=False)
+
+    def __post_init__(self) -> None:
+        check_kd_weight(self.kd_weight)
+        check_temperature(self.temperature)
+
+
 def train(
     model: nn.Module,
     tokens: torch.Tensor,
@@ -77,20 +101,27 @@ def train(
     desc: str = "train",
     step_hook: Optional[object] = None,
     compile: bool = True,
+    distill: Optional[Distillation] = None,
 ) -> list[float]:
-    """Train `model` in place on random windows of `tokens`; returns the loss per step.
+    """Train `model` in place on random windows of `tokens`; returns the loss per step (with
+    `distill`, the weighted sum; its two terms go to `distill.parts`).
     The same seed gives the same losses bit for bit (deterministic algorithms inside).
 
     `step_hook(step)` is called before each step (e.g. qatfx.FakeQuantAfterNSteps)."""
+    if distill is not None:
+        check_teacher(distill.teacher, model)  # before any step: a teacher that trains along is refused
     with deterministic_algorithms():
-        return _train(model, tokens, config, desc, step_hook, compile)
+        return _train(model, tokens, config, desc, step_hook, compile, distill)
 
 
-def _train(model, tokens, config, desc, step_hook, compile) -> list[float]:
+def _train(model, tokens, config, desc, step_hook, compile, distill) -> list[float]:
     generator = torch.Generator().manual_seed(config.seed)
     windows = random_windows(tokens, config.batch_size, config.seq_len + 1, generator)
     model.train()
     forward = torch.compile(model) if compile else model
+    if distill is not None:
+        teacher = distill.teacher.eval()
+        teacher_forward = torch.compile(teacher) if compile else teacher
     # only what trains: a LoRA model's frozen base stays out of the optimizer and the clipping
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
@@ -102,7 +133,10 @@ def _train(model, tokens, config, desc, step_hook, compile) -> list[float]:
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, config)
         batch = next(windows)
-        loss = lm_loss(forward(batch[:, :-1]), batch[:, 1:])
+        if distill is None:
+            loss = lm_loss(forward(batch[:, :-1]), batch[:, 1:])
+        else:
+            loss = _distillation_step(forward, teacher_forward, batch, distill)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
         optimizer.step()
@@ -111,6 +145,19 @@ def _train(model, tokens, config, desc, step_hook, compile) -> list[float]:
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
     model.eval()
     return losses
+
+
+def _distillation_step(forward, teacher_forward, batch: torch.Tensor, distill: Distillation) -> torch.Tensor:
+    inputs = batch[:, :-1]
+    logits = forward(inputs)
+    with torch.no_grad():  # eval mode, no RNG drawn: the student's dropout masks are those of a run without teacher
+        teacher_logits = teacher_forward(inputs)
+    ce = lm_loss(logits, batch[:, 1:])
+    kd = distillation_loss(logits, teacher_logits, distill.temperature)
+    distill.parts["cross_entropy"].append(ce.item())
+    distill.parts["distillation"].append(kd.item())
+    # kd_weight 0 gives ce exactly (1.0 x ce + 0.0 x kd, and the kd term's gradient is 0.0 x ...)
+    return (1.0 - distill.kd_weight) * ce + distill.kd_weight * kd
 
 
 @torch.no_grad()
