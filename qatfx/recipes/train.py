@@ -4,9 +4,10 @@ Training runs through `torch.compile` of whatever module it is given (a float mo
 prepared QAT graph), as a user would run it. With a teacher (knowledge distillation,
 qatfx.distillation) the loss is (1 - kd_weight) x cross-entropy + kd_weight x
 distillation_loss(student, teacher, temperature), LLM-QAT's and Gemma QAT's form
-(kd_weight 1: distillation only); the teacher runs under no_grad, compiled when the student is. Perplexity is computed eagerly under no_grad
-on non-overlapping windows, so a prepared model and its converted model are evaluated on
-exactly the same computation (the numerics contract says their logits are bit-identical).
+(kd_weight 1: distillation only); the teacher runs under no_grad, compiled when the student
+is. Perplexity is computed eagerly under no_grad on non-overlapping windows, so a prepared
+model and its converted model are evaluated on exactly the same computation (the numerics
+contract says their logits are bit-identical).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from qatfx.api import learned_qparams
 from qatfx.distillation import check_kd_weight, check_teacher, check_temperature, distillation_loss
 
 
@@ -34,6 +36,9 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     seed: int = 0
+    # peak learning rate of learned scales / zero points (learnable_scales); None: lr. It
+    # follows the same warm-up and decay, without weight decay (which would shrink them).
+    scale_lr: Optional[float] = None
 
 
 def random_windows(tokens: torch.Tensor, batch_size: int, length: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
@@ -114,6 +119,17 @@ def train(
         return _train(model, tokens, config, desc, step_hook, compile, distill)
 
 
+def _param_groups(model: nn.Module, params: list, config: TrainConfig) -> list[dict]:
+    """One group, or two when the model has learned scales: theirs at scale_lr / lr of the
+    schedule and no weight decay."""
+    scales = [p for p in learned_qparams(model).values() if p.requires_grad]
+    if not scales:
+        return [{"params": params}]
+    others = [p for p in params if all(p is not s for s in scales)]
+    ratio = 1.0 if config.scale_lr is None else config.scale_lr / config.lr
+    return [{"params": others}, {"params": scales, "lr_ratio": ratio, "weight_decay": 0.0}]
+
+
 def _train(model, tokens, config, desc, step_hook, compile, distill) -> list[float]:
     generator = torch.Generator().manual_seed(config.seed)
     windows = random_windows(tokens, config.batch_size, config.seq_len + 1, generator)
@@ -124,14 +140,14 @@ def _train(model, tokens, config, desc, step_hook, compile, distill) -> list[flo
         teacher_forward = torch.compile(teacher) if compile else teacher
     # only what trains: a LoRA model's frozen base stays out of the optimizer and the clipping
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(_param_groups(model, params, config), lr=config.lr, weight_decay=config.weight_decay)
     losses = []
     bar = tqdm(range(config.steps), desc=desc, leave=False, dynamic_ncols=True)
     for step in bar:
         if step_hook is not None:
             step_hook(step)
         for group in optimizer.param_groups:
-            group["lr"] = _lr_at(step, config)
+            group["lr"] = _lr_at(step, config) * group.get("lr_ratio", 1.0)
         batch = next(windows)
         if distill is None:
             loss = lm_loss(forward(batch[:, :-1]), batch[:, 1:])
