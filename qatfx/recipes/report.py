@@ -8,6 +8,7 @@ model's (equal to the fake-quant model's: checked), bytes are the module's tenso
 from __future__ import annotations
 
 import json
+import textwrap
 from dataclasses import asdict
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from qatfx.recipes.demo import (
     DEPLOYED_SCHEME,
     EVERYWHERE_SCHEME,
     EXECUTORCH_PRESET,
+    FLOAT_CONTROL,
     LLAMA_CPP_PRESET,
     SCHEMES,
     DemoResult,
@@ -80,7 +82,7 @@ def markdown_report(result: DemoResult) -> str:
         f"- float model (before the extra steps): test perplexity {result.float_ppl:.4f}, {result.float_bytes / 1e6:.2f} MB",
         f"- seeds: {seeds} (fine-tuning batch order); cells are mean ± sample std over seeds" if seeds > 1 else "- seeds: 1",
         "- perplexity: exp(mean next-token NLL) on the held-out test split; lower is better",
-        "- float control: the float model fine-tuned for the same extra steps as QAT;",
+        "- float control: the float model fine-tuned for the same extra steps as QAT (QAT+LoRA rows: their own, below);",
         "  PTQ: that control converted directly; QAT: the float model fine-tuned with fake-quant, then converted",
         "- QAT recovers: (PTQ - QAT) / (PTQ - control), per seed, then averaged; \"within noise\" where PTQ's "
         f"loss is under {NOISE_SIGMAS} seed standard deviations of the fine-tuned perplexity (one seed: the spread is unknown)",
@@ -92,6 +94,7 @@ def markdown_report(result: DemoResult) -> str:
         "",
         markdown_table(result),
         "",
+        *_control_lines(result),
         *_lora_lines(result),
         *_deploy_lines(result.deploy),
         *_deploy_lines(result.preset_deploy),
@@ -107,6 +110,20 @@ def _preset_lines(result: DemoResult) -> list:
         LLAMA_CPP_PRESET: "llama.cpp's Q4_0 body (Q8_0 activations), Q8_0 output and token embeddings",
     }
     return [f"- {row.scheme}: {notes[row.scheme]}" for row in result.rows if row.scheme in notes]
+
+
+def _control_lines(result: DemoResult) -> list:
+    """The rows whose float control (and so PTQ) is not the fully fine-tuned float model's."""
+    groups: dict[str, list[str]] = {}
+    for row in result.rows:
+        if row.control and row.control != FLOAT_CONTROL:
+            groups.setdefault(row.control, []).append(row.scheme)
+    lines = [
+        f"- float control of {', '.join(names)}: {control} (fake-quant off, same steps and seed as QAT); its PTQ is "
+        "that control merged (qatfx.merge_lora) and converted, so \"QAT recovers\" compares like with like"
+        for control, names in groups.items()
+    ]
+    return [*lines, ""] if lines else []
 
 
 def _contract_line(result: DemoResult) -> str:
@@ -185,19 +202,37 @@ def _plots(result: DemoResult, out_dir: Path) -> dict[str, Path]:
     fig.savefig(curves_path, dpi=120)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    names = [row.scheme for row in result.rows]
+    fig = perplexity_figure(result)
+    fig.savefig(bars_path, dpi=120)
+    plt.close(fig)
+    return {"curves": curves_path, "perplexity": bars_path}
+
+
+# Bar labels are row names, some 40+ characters ("int4 g32 everywhere (+ int4 g32 embeddings)"):
+# wrapped to LABEL_CHARS per line, each row given ROW_INCHES of width, so labels never overlap.
+LABEL_CHARS = 16
+ROW_INCHES = 1.4
+
+
+def bar_label(name: str) -> str:
+    return "\n".join(textwrap.wrap(name, LABEL_CHARS, break_on_hyphens=False))
+
+
+def perplexity_figure(result: DemoResult):
+    """Bars per row: float control, PTQ and QAT test perplexity, mean with the seed spread."""
+    import matplotlib.pyplot as plt
+
+    names = [bar_label(row.scheme) for row in result.rows]
+    fig, ax = plt.subplots(figsize=(max(8.0, ROW_INCHES * len(names)), 4.5))
     width = 0.27
     for i, (label, attr) in enumerate((("float control", "control_ppl"), ("PTQ", "ptq_ppl"), ("QAT", "qat_ppl"))):
         stats = [mean_and_spread(getattr(row, attr)) for row in result.rows]
         xs = [j + (i - 1) * width for j in range(len(names))]
         ax.bar(xs, [m for m, _ in stats], width, yerr=[s for _, s in stats], label=label)
-    ax.set_xticks(range(len(names)), names)
+    ax.set_xticks(range(len(names)), names, fontsize=9)
     low = min(min(row.control_ppl) for row in result.rows)
     ax.set_ylim(bottom=low * 0.98)
     ax.set(ylabel="test perplexity", title="Test perplexity by weight scheme")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(bars_path, dpi=120)
-    plt.close(fig)
-    return {"curves": curves_path, "perplexity": bars_path}
+    fig.tight_layout()  # after the labels: makes room for their lines under the axis
+    return fig
