@@ -37,7 +37,8 @@ from qatfx.passes.lora import lora_state
 from qatfx.recipes.corpus import CharTokenizer, corpus_text, default_cache_dir, split_text
 from qatfx.recipes.deploy import DeployResult, export_and_time, export_files
 from qatfx.recipes.model import CausalLM, LMConfig, parameter_count
-from qatfx.recipes.train import TrainConfig, perplexity, train
+from qatfx.distillation import frozen_teacher
+from qatfx.recipes.train import Distillation, TrainConfig, perplexity, train
 from qatfx.spec import PerChannel, PerGroup, QuantSpec, int4_per_group_embedding, int8_per_token_activation
 
 log = logging.getLogger("qatfx.recipes")
@@ -53,12 +54,15 @@ class Scheme:
     group_size: Optional[int]  # None: one scale per output channel
     lora_mode: Optional[str] = None  # a QAT+LoRA row: adapters in this qatfx.LoRA mode, base frozen
     make: Optional[Callable[[], qatfx.Quantizer]] = None
+    distill: bool = False  # QAT+KD: distilled from the starting float model (Preset.kd_weight, temperature)
+    learnable: bool = False  # QAT+LSQ: learned scales (Preset.scale_lr)
 
     def quantizer(self) -> qatfx.Quantizer:
         if self.make is not None:
             return self.make()
         granularity = PerChannel() if self.group_size is None else PerGroup(self.group_size)
-        return qatfx.Quantizer(int8_per_token_activation(), QuantSpec(self.bits, granularity, symmetric=True))
+        spec = QuantSpec(self.bits, granularity, symmetric=True)
+        return qatfx.Quantizer(int8_per_token_activation(), spec, learnable_scales=self.learnable)
 
     def lora(self) -> Optional[qatfx.LoRA]:
         if self.lora_mode is None:
@@ -117,6 +121,20 @@ def _int4_everywhere() -> qatfx.Quantizer:
     return qatfx.Int8DynActInt4WeightQuantizer(32, embedding_spec=int4_per_group_embedding(32))
 
 
+def _recovery_variants(name: str, bits: int, group_size: Optional[int]) -> tuple[Scheme, ...]:
+    """The rows that add distillation and learned scales to plain QAT of one scheme."""
+    return (
+        Scheme(f"{name} QAT+KD", bits, group_size, distill=True),
+        Scheme(f"{name} QAT+LSQ", bits, group_size, learnable=True),
+        Scheme(f"{name} QAT+KD+LSQ", bits, group_size, distill=True, learnable=True),
+    )
+
+
+RECOVERY_ROWS = tuple(
+    f"{name}{variant}" for name in ("int3 per-channel", "int2 g32", "int4 per-channel")
+    for variant in ("", " QAT+KD", " QAT+LSQ", " QAT+KD+LSQ")
+)
+
 DEPLOYED_SCHEME = "int4 g32"  # what XNNPACK runs: int8 x int4 per group
 # The rows that compare per-layer choices: every table int4 against the presets that keep
 # the output projection and the embeddings at 8 bits (qatfx.presets)
@@ -136,6 +154,10 @@ SCHEMES = {
         Scheme(EVERYWHERE_SCHEME, 4, 32, make=_int4_everywhere),
         Scheme(EXECUTORCH_PRESET, 4, 32, make=qatfx.presets.executorch_llama),
         Scheme(LLAMA_CPP_PRESET, 4, 32, make=qatfx.presets.llama_cpp_q4_0),
+        Scheme("int2 g32", 2, 32),
+        *_recovery_variants("int3 per-channel", 3, None),
+        *_recovery_variants("int2 g32", 2, 32),
+        *_recovery_variants("int4 per-channel", 4, None),
     )
 }
 LORA_SCHEMES = tuple(name for name, s in SCHEMES.items() if s.lora_mode)
@@ -153,6 +175,11 @@ class Preset:
     # adapters start at zero and are few: LoRA takes ~10x full fine-tuning's rate (default preset,
     # seed 0, QAT+LoRA perplexity: 5.807 at 1e-3, 5.774 at 3e-3, 5.804 at 1e-2 with rank 32)
     lora_lr: float = 3e-3
+    # QAT+KD / QAT+LSQ rows: chosen on the validation split (benchmarks/tune_demo_recovery.py),
+    # never the test split
+    kd_weight: float = 1.0
+    temperature: float = 1.0
+    scale_lr: float = 3e-5
 
 
 PRESETS = {
@@ -265,6 +292,7 @@ class DemoSetup:
     base: CausalLM
     train_tokens: torch.Tensor
     test_tokens: torch.Tensor
+    validation_tokens: torch.Tensor  # for choosing hyperparameters (benchmarks/tune_demo_recovery.py)
     example: torch.Tensor
     tokenizer: CharTokenizer
     corpus: str  # where the text came from
@@ -273,8 +301,8 @@ class DemoSetup:
     def perplexity(self, model: torch.nn.Module, desc: str) -> float:
         return perplexity(model, self.test_tokens, self.preset.pretrain.seq_len, desc=desc)
 
-    def train(self, model: torch.nn.Module, config: TrainConfig, desc: str) -> list[float]:
-        return train(model, self.train_tokens, config, desc=desc, compile=self.preset.compile)
+    def train(self, model: torch.nn.Module, config: TrainConfig, desc: str, distill: Optional[Distillation] = None) -> list[float]:
+        return train(model, self.train_tokens, config, desc=desc, compile=self.preset.compile, distill=distill)
 
 
 @dataclass
@@ -295,7 +323,8 @@ def demo_setup(preset: Preset, text_path: Optional[Path], cache_dir: Path) -> De
     corpus_sha = hashlib.sha256(text.encode()).hexdigest()
     base, curve = _pretrained_float_model(config, preset.pretrain, train_tokens, corpus_sha, cache_dir, preset.compile)
     test_tokens = tokenizer.encode(splits.test[: preset.eval_chars])
-    return DemoSetup(preset, base, train_tokens, test_tokens, _example_tokens(config.vocab_size), tokenizer, source, curve)
+    validation_tokens = tokenizer.encode(splits.validation[: preset.eval_chars])
+    return DemoSetup(preset, base, train_tokens, test_tokens, validation_tokens, _example_tokens(config.vocab_size), tokenizer, source, curve)
 
 
 def finetune_config(preset: Preset, seed: int) -> TrainConfig:
@@ -340,6 +369,19 @@ def ptq(setup: DemoSetup, scheme: Scheme, control: TrainedControl) -> torch.nn.M
     return qatfx.convert_pt2e(qatfx.prepare_pt2e(copy.deepcopy(control.model), scheme.quantizer(), (setup.example,)))
 
 
+def qat_config(setup: DemoSetup, scheme: Scheme, finetune: TrainConfig, student: torch.nn.Module, **hyper) -> tuple[TrainConfig, Optional[Distillation]]:
+    """The row's QAT training: its learning rate, its scales' (QAT+LSQ) and its distillation
+    (QAT+KD) from the starting float model, which the row's prepared copy shares no tensor
+    with (frozen_teacher copies nothing). `hyper` overrides the preset's kd_weight,
+    temperature, scale_lr (tuning on the validation split)."""
+    preset = replace(setup.preset, **hyper)
+    config = replace(finetune, lr=scheme.lr(preset), scale_lr=preset.scale_lr if scheme.learnable else None)
+    if not scheme.distill:
+        return config, None
+    teacher = frozen_teacher(setup.base, student)
+    return config, Distillation(teacher, kd_weight=preset.kd_weight, temperature=preset.temperature)
+
+
 def _run_row(setup: DemoSetup, scheme: Scheme, row: RowResult, control: TrainedControl, finetune: TrainConfig,
              seed: int, curves: dict) -> torch.nn.Module:
     """One seed of one row: PTQ of its control, then QAT; returns the converted QAT model."""
@@ -349,8 +391,8 @@ def _run_row(setup: DemoSetup, scheme: Scheme, row: RowResult, control: TrainedC
     row.ptq_ppl.append(setup.perplexity(ptq(setup, scheme, control), desc=f"eval PTQ {name}"))
     prepared = prepare_row(setup, scheme, finetune.seed)
     row.trainable_parameters = sum(p.numel() for p in prepared.parameters() if p.requires_grad)
-    qat = replace(finetune, lr=scheme.lr(setup.preset))
-    curves[f"QAT {name} (seed {seed})"] = setup.train(prepared, qat, desc=f"QAT {name}, seed {seed}")
+    qat, distill = qat_config(setup, scheme, finetune, prepared)
+    curves[f"QAT {name} (seed {seed})"] = setup.train(prepared, qat, desc=f"QAT {name}, seed {seed}", distill=distill)
     row.qat_fake_quant_ppl.append(setup.perplexity(prepared, desc=f"eval QAT fake-quant {name}"))
     converted = qatfx.convert_pt2e(deployable(prepared))
     row.qat_ppl.append(setup.perplexity(converted, desc=f"eval QAT converted {name}"))
