@@ -133,3 +133,29 @@ def test_perplexity_plot_row_labels_neither_overlap_nor_leave_the_figure(count):
         assert a.x1 < b.x0, "neighbouring row labels overlap"
     for box in boxes:
         assert figure.x0 <= box.x0 and box.x1 <= figure.x1 and figure.y0 <= box.y0, "a row label is clipped"
+
+
+def test_recovery_rows_distill_from_the_start_model_and_train_their_scales(setup):
+    """QAT+KD+LSQ: the float control is the full-QAT rows' one; the teacher is the starting
+    float model, sharing every tensor with it (the row trains a copy: nothing is copied); the
+    scales have their own learning rate and move."""
+    from dataclasses import replace
+
+    from qatfx.distillation import teacher_memory
+    from qatfx.recipes.demo import qat_config
+
+    name = "int3 per-channel QAT+KD+LSQ"
+    scheme = SCHEMES[name]
+    assert scheme.control(setup.preset) == SCHEMES["int3 per-channel"].control(setup.preset)
+    finetune = replace(finetune_config(setup.preset, 0), steps=2, warmup_steps=1)
+    prepared = prepare_row(setup, scheme, finetune.seed)
+    scales = qatfx.learned_qparams(prepared)
+    assert scales and all(r.weight_spec.learnable for r in qatfx.summary(prepared).layers if r.quantized)
+    config, distill = qat_config(setup, scheme, finetune, prepared)
+    assert config.scale_lr == setup.preset.scale_lr and distill.kd_weight == setup.preset.kd_weight
+    memory = teacher_memory(distill.teacher)
+    assert memory.copied_bytes == 0 and memory.shared_bytes > 0
+    start = {n: p.detach().clone() for n, p in scales.items()}
+    setup.train(prepared, config, desc=name, distill=distill)
+    assert any(not torch.equal(p, start[n]) for n, p in scales.items())
+    assert len(distill.parts["distillation"]) == 2
