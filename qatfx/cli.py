@@ -145,6 +145,13 @@ def _parser() -> argparse.ArgumentParser:
                           help="merge_consistent trains fq(W + sBA), exactly what is deployed; torchtune trains fq(W) + sBA (docs/lora.md)")
     finetune.add_argument("--lora-targets", type=_patterns, default=None, metavar="PATTERNS",
                           help="comma-separated fnmatch layer names (default: the Llama q/v/o/gate/up/down projections)")
+    finetune.add_argument("--distill", action="store_true",
+                          help="QAT learns from the float model before fine-tuning too: (1 - W) x cross-entropy + W x KL "
+                          "distillation (the float control keeps cross-entropy); docs/distillation.md")
+    finetune.add_argument("--kd-weight", type=float, default=None, metavar="W",
+                          help="--distill: the distillation term's weight W in [0, 1] (default 0.5; 1: distillation only)")
+    finetune.add_argument("--temperature", type=float, default=None, metavar="T",
+                          help="--distill: softmax temperature T > 0 of both distributions (default 1.0)")
     finetune.add_argument("--eager", action="store_true", help="train without torch.compile (debugging, tiny models)")
 
     evaluate = commands.add_parser("eval", help="test perplexity of a finetune output (or a float model) on a text file (--text), "
@@ -334,6 +341,7 @@ def _run(args: argparse.Namespace) -> int:
             scales_precision=args.scales_precision, steps=args.steps,
             lr=args.lr, fake_quant_after=args.fake_quant_after, batch_size=args.batch_size, seq_len=args.seq_len,
             compile=not args.eager, lora_rank=args.lora_rank,
+            distill=args.distill, kd_weight=args.kd_weight, temperature=args.temperature,
             **{name: value for name, value in _lora_options(args).items() if value is not None},
         )
         report = finetune(options)

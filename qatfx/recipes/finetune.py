@@ -6,6 +6,9 @@ config (`builtin:charlm`, a fresh character-level Llama-style model).
 
 finetune runs the demo's comparison (qatfx/recipes/demo.py) on the user's model: a float
 control fine-tuned for the same steps, data and seed as QAT, PTQ of that control, and QAT.
+With --distill, QAT trains on (1 - kd_weight) x cross-entropy + kd_weight x distillation
+from the float model before fine-tuning (a frozen teacher, qatfx.frozen_teacher); the float
+control keeps plain cross-entropy (the reference).
 It writes to --out:
 
     program.pt2, weights.safetensors, qatfx_manifest.json   the QAT-converted model, written
@@ -24,8 +27,10 @@ from __future__ import annotations
 import copy
 import inspect
 import json
+import time
 from collections import Counter
 import logging
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -34,10 +39,11 @@ import torch
 import torch.nn as nn
 
 import qatfx
+from qatfx.distillation import teacher_memory
 from qatfx.recipes.corpus import CharTokenizer, load_text, split_text
 from qatfx.recipes.demo import LORA_TARGETS, deployable, recovered
 from qatfx.recipes.model import CausalLM, LMConfig
-from qatfx.recipes.train import TrainConfig, perplexity, train
+from qatfx.recipes.train import Distillation, TrainConfig, perplexity, train
 
 log = logging.getLogger("qatfx.recipes")
 
@@ -47,6 +53,9 @@ HF_TOKENIZER_DIR = "tokenizer"
 PEFT_ADAPTER_DIR = "peft_adapter"  # --lora-rank: the adapters alone (qatfx.export.save_peft_adapters)
 OLD_METADATA = "qatfx_model.json"  # the layout before qatfx.save (converted.pt + this file)
 MANIFEST = "qatfx_manifest.json"  # qatfx.save's; its presence marks a finetune output
+# --distill without --kd-weight: half cross-entropy on the text, half the float model's
+# distribution (1.0, LLM-QAT's, would ignore the text the float control fine-tunes on)
+DEFAULT_KD_WEIGHT = 0.5
 
 
 class LogitsOnly(nn.Module):
@@ -194,6 +203,10 @@ class FinetuneOptions:
     lora_alpha: Optional[float] = None  # default 2 x rank, as torchtune's recipes
     lora_mode: str = "merge_consistent"
     lora_targets: tuple[str, ...] = LORA_TARGETS
+    # knowledge distillation for QAT (the control trains on cross-entropy alone)
+    distill: bool = False
+    kd_weight: Optional[float] = None  # default DEFAULT_KD_WEIGHT
+    temperature: Optional[float] = None  # default 1.0
 
     def quantizer(self) -> qatfx.Quantizer:
         if self.preset is None:
@@ -225,6 +238,21 @@ class FinetuneOptions:
                 "QAT would never train with fake-quant; lower it or raise --steps"
             )
         self.lora()  # qatfx.LoRA checks rank, alpha and mode before any model is loaded
+        self.check_distillation()
+
+    def check_distillation(self) -> None:
+        given = [flag for flag, value in (("--kd-weight", self.kd_weight), ("--temperature", self.temperature)) if value is not None]
+        if given and not self.distill:
+            raise ValueError(f"{' / '.join(given)} configure distillation; add --distill to train QAT with it")
+        if self.kd_weight is not None and not 0.0 <= self.kd_weight <= 1.0:
+            raise ValueError(f"--kd-weight {self.kd_weight} must be in [0, 1]: loss = (1 - W) x cross-entropy + W x distillation "
+                             "(1: distillation only)")
+        if self.temperature is not None and not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ValueError(f"--temperature {self.temperature} must be > 0 (1: the models' own distributions; higher: softer)")
+
+    def distillation(self, teacher: nn.Module) -> Distillation:
+        return Distillation(teacher, kd_weight=DEFAULT_KD_WEIGHT if self.kd_weight is None else self.kd_weight,
+                            temperature=1.0 if self.temperature is None else self.temperature)
 
     def lora(self) -> Optional[qatfx.LoRA]:
         if self.lora_rank is None:
@@ -233,7 +261,8 @@ class FinetuneOptions:
         return qatfx.LoRA(self.lora_rank, alpha, targets=self.lora_targets, mode=self.lora_mode)
 
 
-def _fine_tune(prepared: nn.Module, tokens: torch.Tensor, config: TrainConfig, desc: str, compile: bool, fake_quant_after: int = 0) -> list[float]:
+def _fine_tune(prepared: nn.Module, tokens: torch.Tensor, config: TrainConfig, desc: str, compile: bool, fake_quant_after: int = 0,
+               distill: Optional[Distillation] = None) -> list[float]:
     # One global seed per run: dropout (GPT-2) draws the same masks in the control and QAT.
     torch.manual_seed(config.seed)
     hook = None
@@ -241,7 +270,7 @@ def _fine_tune(prepared: nn.Module, tokens: torch.Tensor, config: TrainConfig, d
         schedule = qatfx.FakeQuantAfterNSteps(prepared, fake_quant_after)
         # train() calls the hook before each step; the schedule counts finished steps
         hook = lambda step: schedule.step() if step > 0 else None  # noqa: E731
-    return train(prepared, tokens, config, desc=desc, step_hook=hook, compile=compile)
+    return train(prepared, tokens, config, desc=desc, step_hook=hook, compile=compile, distill=distill)
 
 
 def finetune(options: FinetuneOptions) -> dict:
@@ -267,13 +296,27 @@ def finetune(options: FinetuneOptions) -> dict:
     # only in fake-quant (with LoRA: both train adapters on the same frozen base).
     control = qatfx.prepare_pt2e(model.eval(), quantizer, (example,), lora=lora)  # trains `model`'s parameters in place
     qat = copy.deepcopy(control)  # its own parameters, from the same starting weights
+    # The float model before fine-tuning, frozen; built before either run trains: it copies
+    # what the control trains in place (every weight in full QAT, nothing with LoRA)
+    distill = options.distillation(_teacher(model, (control, qat), options.model)) if options.distill else None
     qatfx.disable_fake_quant(control)  # disabled fake-quant is an exact identity: the float model
+    seconds = {}
+    start = time.perf_counter()
     curves = {"float control": _fine_tune(control, train_tokens, config, "float control", options.compile)}
+    seconds["float control"] = time.perf_counter() - start
     # LoRA leaves `model` as it was: its adapters live in the control graph
     ppl["float_control"] = perplexity(model if lora is None else control, test_tokens, seq, desc="eval float control")
     # convert quantizes every fake-quant, enabled or not: PTQ of the fine-tuned control
     ppl["ptq"] = perplexity(qatfx.convert_pt2e(deployable(control)), test_tokens, seq, desc="eval PTQ")
-    curves["QAT"] = _fine_tune(qat, train_tokens, config, "QAT", options.compile, options.fake_quant_after)
+    start = time.perf_counter()
+    curves["QAT"] = _fine_tune(qat, train_tokens, config, "QAT", options.compile, options.fake_quant_after, distill)
+    seconds["QAT"] = time.perf_counter() - start
+    kd_report = None
+    if distill is not None:
+        curves["QAT cross-entropy"] = distill.parts["cross_entropy"]
+        curves["QAT distillation"] = distill.parts["distillation"]
+        kd_report = _distillation_report(distill)
+        distill = None  # frees the teacher's copies before convert and evaluation
     qatfx.enable_fake_quant(qat)
     ppl["qat_fake_quant"] = perplexity(qat, test_tokens, seq, desc="eval QAT fake-quant")
 
@@ -299,12 +342,28 @@ def finetune(options: FinetuneOptions) -> dict:
               "peft_adapter": adapter,
               "layer_schemes": dict(Counter(r.scheme for r in qatfx.summary(qat).layers)),
               "test_perplexity": ppl, "recovered": recovered(ppl["float_control"], ppl["ptq"], ppl["qat_converted"]),
-              "train_loss": curves}
+              "distillation": kd_report,
+              "train_seconds": seconds, "train_loss": curves}
     (out / "report.json").write_text(json.dumps(report, indent=2))
     (out / "report.md").write_text(_markdown(options, report))
     _plot_curves(curves, out / "training_curve.png")
     log.info("qatfx finetune: wrote %s", out)
     return report
+
+
+def _teacher(model: nn.Module, students: tuple, source: str) -> nn.Module:
+    if source in BUILTIN_MODELS:
+        log.warning("qatfx finetune --distill: %s starts from random weights, so its teacher predicts almost uniformly; "
+                    "distillation from it measures the cost, not a benefit", source)
+    return qatfx.frozen_teacher(model, students)
+
+
+def _distillation_report(distill: Distillation) -> dict:
+    memory = teacher_memory(distill.teacher)
+    return {"kd_weight": distill.kd_weight, "temperature": distill.temperature,
+            "teacher": "the float model before fine-tuning, frozen (qatfx.frozen_teacher)",
+            "teacher_copied_bytes": memory.copied_bytes, "teacher_shared_bytes": memory.shared_bytes,
+            "teacher_copied_tensors": len(memory.copied)}
 
 
 def _save_adapters(qat: nn.Module, out: Path, model: str) -> Optional[str]:
@@ -415,6 +474,7 @@ def _markdown(options: FinetuneOptions, report: dict) -> str:
         f"lr {options.lr}, batch {options.batch_size} x {options.seq_len} tokens, seed {options.seed}, "
         f"fake-quant after {options.fake_quant_after} steps",
         *_lora_lines(options, report),
+        *_distillation_lines(report),
         "- perplexity: exp(mean next-token NLL) on the test split, windows of the sequence length; lower is better",
         "- float control: the float model fine-tuned for the same steps, data and seed as QAT (the same graph with "
         "fake-quant off); PTQ: that control converted directly; QAT: the float model fine-tuned with fake-quant, "
@@ -454,6 +514,17 @@ def _lora_lines(options: FinetuneOptions, report: dict) -> list:
                      f"perplexity from {ppl['qat_fake_quant']:.4f} to {ppl['qat_converted']:.4f} "
                      f"({100 * (ppl['qat_converted'] / ppl['qat_fake_quant'] - 1):+.2f}%)")
     return lines
+
+
+def _distillation_lines(report: dict) -> list:
+    kd = report["distillation"]
+    if kd is None:
+        return []
+    w, t = kd["kd_weight"], kd["temperature"]
+    return [f"- distillation (QAT only): loss = {1 - w:g} x cross-entropy + {w:g} x KL(teacher || student) x T^2 at "
+            f"T = {t:g}; teacher: the float model before fine-tuning, frozen ({kd['teacher_copied_bytes']:,} bytes copied, "
+            f"{kd['teacher_shared_bytes']:,} shared with the model); the float control trains on cross-entropy alone, "
+            "so the QAT curve is not the control's quantity (report.json has its two terms)"]
 
 
 def _plot_curves(curves: dict[str, list[float]], path: Path) -> None:

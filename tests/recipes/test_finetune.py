@@ -75,15 +75,21 @@ def finetune_and_eval(tmp_path: Path, text_file: Path, checkpoint, *extra: str) 
     return json.loads((out / "report.json").read_text()), out
 
 
-def check_output(tmp_path: Path, text_file: Path, report: dict, out: Path, capsys) -> None:
+def check_output(tmp_path: Path, text_file: Path, report: dict, out: Path, capsys, distilled: bool = False) -> None:
     ppl = report["test_perplexity"]
     assert set(ppl) == {"float_start", "float_control", "ptq", "qat_fake_quant", "qat_converted"}
     assert ppl["qat_converted"] == ppl["qat_fake_quant"]  # the contract: converted == fake-quant bit for bit
     assert ppl["float_control"] != ppl["float_start"]  # the control was fine-tuned
     control, qat = report["train_loss"]["float control"], report["train_loss"]["QAT"]
-    # Same graph, batches and seed, fake-quant off (an exact identity) for QAT's first 2 steps:
-    # the control's losses are QAT's bit for bit until fake-quant switches on at step 2.
-    assert control[:2] == qat[:2] and control[2] != qat[2]
+    if distilled:
+        # Step 0 runs the same weights on the same batch with fake-quant off: QAT's cross-entropy
+        # term is the control's loss bit for bit. (Step 1 may agree too: at step 0 the KD
+        # gradient is 0 and Adam's update hardly depends on the gradient's scale.)
+        assert report["train_loss"]["QAT cross-entropy"][0] == control[0]
+    else:
+        # Same graph, batches and seed, fake-quant off (an exact identity) for QAT's first 2 steps:
+        # the control's losses are QAT's bit for bit until fake-quant switches on at step 2.
+        assert control[:2] == qat[:2] and control[2] != qat[2]
     md = (out / "report.md").read_text()
     for row in ("float, before fine-tuning (start)", "float control", "PTQ of the float control", "QAT fake-quant", "QAT converted"):
         assert f"| {row}" in md
@@ -133,6 +139,73 @@ def test_finetune_then_eval_builtin_charlm(tmp_path, text_file, capsys):
     chars = json.loads((out / SIDECAR).read_text())["tokenizer"]
     assert chars["kind"] == "chars" and set(chars["chars"]) == set(split_text(load_text(text_file)).train)
     check_output(tmp_path, text_file, report, out, capsys)
+
+
+def float_bytes(text_file: Path) -> tuple[int, int]:
+    """(parameter bytes, buffer bytes) of builtin:charlm with the vocabulary of this text."""
+    model = load_model("builtin:charlm", split_text(load_text(text_file)).train).module
+    return (sum(p.numel() * p.element_size() for p in model.parameters()),
+            sum(b.numel() * b.element_size() for b in model.buffers()))
+
+
+def check_distillation(report: dict, out: Path, kd_weight: float, temperature: float, copied: int, shared: int) -> None:
+    kd = report["distillation"]
+    assert (kd["kd_weight"], kd["temperature"]) == (kd_weight, temperature)
+    assert (kd["teacher_copied_bytes"], kd["teacher_shared_bytes"]) == (copied, shared)
+    curves = report["train_loss"]
+    assert set(curves) == {"float control", "QAT", "QAT cross-entropy", "QAT distillation"}
+    for total, ce, kl in zip(curves["QAT"], curves["QAT cross-entropy"], curves["QAT distillation"]):
+        # the loss is the float32 (1 - w) ce + w kl: two products and a sum, each rounded once
+        # (and the float32 1 - w): within 4 float32 ulps of the exact value
+        assert abs(total - ((1 - kd_weight) * ce + kd_weight * kl)) <= 4 * 2**-24 * total
+    # Step 0: fake-quant off (--fake-quant-after 2) and the starting weights: the student is
+    # the teacher (the exported graph runs the float model's ops), so KD is 0 exactly; from
+    # step 1 the student has moved away from the frozen teacher.
+    kl = curves["QAT distillation"]
+    assert kl[0] == 0.0 and all(value > 0 for value in kl[1:])
+    md = (out / "report.md").read_text()
+    assert (f"- distillation (QAT only): loss = {1 - kd_weight:g} x cross-entropy + {kd_weight:g} x KL(teacher || student) "
+            f"x T^2 at T = {temperature:g}; teacher: the float model before fine-tuning, frozen ({copied:,} bytes copied, "
+            f"{shared:,} shared with the model)") in md
+
+
+def test_finetune_with_distillation_builtin_charlm(tmp_path, text_file, capsys):
+    """--distill: QAT trains on 0.3 ce + 0.7 KD from the starting float model; the control
+    trains `model`'s tensors in place, so the teacher holds a copy of every parameter."""
+    text_file.write_text(text_file.read_text()[:20_000])
+    report, out = finetune_and_eval(tmp_path, text_file, "builtin:charlm", "--distill", "--kd-weight", "0.7", "--temperature", "2")
+    params, buffers = float_bytes(text_file)
+    check_distillation(report, out, 0.7, 2.0, copied=params, shared=buffers)
+    check_output(tmp_path, text_file, report, out, capsys, distilled=True)
+
+
+@pytest.mark.long  # ~1 min on 2 cores
+def test_finetune_with_distillation_and_lora_shares_every_weight(tmp_path, text_file, capsys):
+    """--distill --lora-rank: the base is frozen in both runs, so the teacher copies nothing."""
+    text_file.write_text(text_file.read_text()[:20_000])
+    report, out = finetune_and_eval(tmp_path, text_file, "builtin:charlm", "--distill", "--lora-rank", "4")
+    params, buffers = float_bytes(text_file)
+    check_distillation(report, out, 0.5, 1.0, copied=0, shared=params + buffers)  # the defaults
+    check_output(tmp_path, text_file, report, out, capsys, distilled=True)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--kd-weight", "0.5"], "--kd-weight configure distillation; add --distill"),
+        (["--temperature", "2", "--kd-weight", "0.5"], "--kd-weight / --temperature configure distillation; add --distill"),
+        (["--distill", "--kd-weight", "1.5"], "--kd-weight 1.5 must be in [0, 1]"),
+        (["--distill", "--kd-weight", "-0.1"], "--kd-weight -0.1 must be in [0, 1]"),
+        (["--distill", "--temperature", "0"], "--temperature 0.0 must be > 0"),
+        (["--distill", "--temperature", "nan"], "--temperature nan must be > 0"),
+    ],
+)
+def test_distillation_options_are_checked_before_loading(tmp_path, text_file, capsys, extra, message):
+    argv = ["finetune", "--model", "builtin:charlm", "--text", str(text_file), "--out", str(tmp_path / "o"), *extra]
+    with pytest.raises(SystemExit) as raised:
+        main(argv)
+    assert raised.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 # ~35-50 s each on 2 cores: the long run (LoRA training itself: tests/passes/test_lora*.py)
