@@ -14,6 +14,18 @@ fake-quant off for the first n optimizer steps (torchtune's `fake_quant_after_n_
 and, when training ends, converts and saves the model. Trainer's own checkpoints
 (`save_pretrained`) hold the float weights under their usual names, so
 `resume_from_checkpoint` works unchanged. docs/integrations_transformers.md has more.
+
+Knowledge distillation from the float model (docs/distillation.md):
+
+    prepared = prepare_for_trainer(model, quantizer, example_batch)   # trains model's tensors in place
+    teacher = qatfx.frozen_teacher(model, student=prepared)            # before training: copies what trains
+    DistillationTrainer(model=prepared, teacher=teacher, kd_weight=0.5, temperature=1.0,
+                        args=args, train_dataset=ds, callbacks=[QATCallback()]).train()
+
+trains on (1 - kd_weight) x the causal-LM cross-entropy + kd_weight x
+`qatfx.distillation_loss(student, teacher, temperature)` over the positions the labels
+score (labels shifted by one as Hugging Face shifts them, -100 left out), both terms
+normalized as Trainer normalizes the model's own loss (gradient accumulation, devices).
 """
 
 from __future__ import annotations
@@ -24,9 +36,11 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
-from transformers import PreTrainedModel, TrainerCallback
+import torch.nn.functional as F
+from transformers import PreTrainedModel, Trainer, TrainerCallback
 
 from qatfx.capture import kv_cache_off
+from qatfx.distillation import check_kd_weight, check_teacher, check_temperature, distillation_loss
 from qatfx.api import convert_pt2e, disable_fake_quant, enable_fake_quant, fake_quant_enabled, prepare_pt2e
 from qatfx.graph.meta import PREPARED
 from qatfx.graph.regions import is_regional, model_stage
@@ -124,6 +138,86 @@ class QATCallback(TrainerCallback):
         if fake_quant_enabled(model) != wanted:  # an unchanged graph keeps its compiled code
             (enable_fake_quant if wanted else disable_fake_quant)(model)
             log.info("qatfx: fake-quant %s at step %d", "enabled" if wanted else "disabled", step)
+
+
+IGNORE_INDEX = -100  # Hugging Face's label for a position that is not scored
+
+
+class DistillationTrainer(Trainer):
+    """`transformers.Trainer` for a causal LM whose loss is
+
+        (1 - kd_weight) x cross-entropy + kd_weight x distillation_loss(student, teacher, temperature)
+
+    over the positions the labels score: the logits at position i are scored against label
+    i + 1 (Hugging Face's shift; a collator's `shift_labels` is used as given), positions
+    labelled -100 are left out of both terms. The cross-entropy is transformers' own causal-LM
+    loss; both terms go through Trainer's `compute_loss_func` path, so Trainer normalizes them
+    alike: over the tokens of the whole accumulated batch (`num_items_in_batch`), across
+    devices when it averages tokens. Evaluation reports the same combined loss.
+
+    teacher: the frozen float model, `qatfx.frozen_teacher(model, student=prepared)` built
+        after prepare and before training; a teacher sharing storage with a parameter the
+        student trains is refused. It runs in eval mode under no_grad on the batch without
+        its labels (and with use_cache=False), on the student's device (moved there when it
+        is elsewhere, which gives it its own copy: move the model before prepare and
+        frozen_teacher to keep the sharing).
+    kd_weight: in [0, 1]; 1 is distillation alone. temperature: > 0.
+    The other arguments are Trainer's (compute_loss_func and label smoothing excepted: the
+    loss is this one).
+    """
+
+    def __init__(self, *args: Any, teacher: torch.nn.Module, kd_weight: float = 0.5, temperature: float = 1.0, **kwargs: Any) -> None:
+        check_kd_weight(kd_weight)
+        check_temperature(temperature)
+        if kwargs.get("compute_loss_func") is not None:
+            raise ValueError("DistillationTrainer computes the loss itself (cross-entropy + distillation); drop compute_loss_func")
+        super().__init__(*args, compute_loss_func=self._combined_loss, **kwargs)
+        if self.args.label_smoothing_factor:
+            raise ValueError("DistillationTrainer: label smoothing is not applied to its cross-entropy; set label_smoothing_factor=0")
+        check_teacher(teacher, self.model)
+        self.teacher = self._on_student_device(teacher).eval()
+        self.kd_weight, self.temperature = kd_weight, temperature
+        self._teacher_logits: Optional[torch.Tensor] = None
+        self._shift_labels: Optional[torch.Tensor] = None
+
+    def _on_student_device(self, teacher: torch.nn.Module) -> torch.nn.Module:
+        device = next(self.model.parameters()).device
+        if all(t.device == device for t in (*teacher.parameters(), *teacher.buffers())):
+            return teacher
+        log.warning("DistillationTrainer: moving the teacher to %s gives it its own copy of every weight there; "
+                    "move the model before prepare and frozen_teacher to share them", device)
+        return teacher.to(device)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if "labels" not in inputs:
+            raise ValueError("DistillationTrainer needs labels in each batch: they say which positions are scored "
+                             "(use a causal-LM data collator, or labels = input_ids)")
+        teacher_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "shift_labels")}
+        with torch.no_grad():
+            out = self.teacher(**teacher_inputs, use_cache=False)
+        # Trainer's compute_loss runs the student, then calls _combined_loss(outputs, labels, num_items_in_batch)
+        self._teacher_logits = out.logits if hasattr(out, "logits") else out
+        self._shift_labels = inputs.get("shift_labels")
+        try:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        finally:
+            self._teacher_logits = self._shift_labels = None
+
+    def _combined_loss(self, outputs, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+        from transformers.loss.loss_utils import ForCausalLMLoss
+
+        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+        shift = self._shift_labels
+        if shift is None:  # as ForCausalLMLoss shifts: logits[i] predicts labels[i + 1]; the last predicts nothing
+            shift = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+        scored = shift.to(logits.device) != IGNORE_INDEX
+        given = {} if self._shift_labels is None else {"shift_labels": self._shift_labels}
+        ce = ForCausalLMLoss(logits, labels, logits.shape[-1], num_items_in_batch=num_items_in_batch, **given)
+        kd = distillation_loss(logits, self._teacher_logits, self.temperature, mask=scored)
+        if num_items_in_batch is not None:
+            # ce is this batch's sum over the whole accumulated batch's token count: the same for kd
+            kd = kd * scored.sum() / num_items_in_batch
+        return (1.0 - self.kd_weight) * ce + self.kd_weight * kd
 
 
 def _require_prepared(model: Any) -> None:

@@ -221,3 +221,108 @@ def test_trainer_models_train_eagerly_without_keeping_fake_quantized_weights():
     assert kept_copies == []
     loss.backward()
     assert all(p.grad is not None for p in prepared.parameters() if p.requires_grad)
+
+
+# --- knowledge distillation: DistillationTrainer -------------------------------------------
+
+from qatfx.integrations.transformers import DistillationTrainer  # noqa: E402
+
+EPS32 = torch.finfo(torch.float32).eps
+
+
+def padded_batch() -> dict:
+    """Two sequences, the second's first 3 labels unscored (-100, as a prompt or padding)."""
+    ids = tokens(7, (2, 8))
+    labels = ids.clone()
+    labels[1, :3] = -100
+    return {"input_ids": ids, "labels": labels}
+
+
+def distillation_setup(tmp_path, **trainer_kwargs):
+    data = RandomTokens()
+    model = tiny_llama()
+    prepared = prepare_for_trainer(model, QUANTIZER, data.ids[:2])
+    teacher = qatfx.frozen_teacher(model, student=prepared)
+    trainer = DistillationTrainer(model=prepared, args=training_args(tmp_path, **trainer_kwargs.pop("args", {})),
+                                  train_dataset=data, teacher=teacher, **trainer_kwargs)
+    return model, prepared, teacher, trainer
+
+
+def kd_formula(student_logits, teacher_logits, labels, temperature):
+    """Per position KL(p_t || p_s) x T^2 by torch's kl_div, kept where the shifted label is scored:
+    (sum over the scored positions, their count)."""
+    log_s = torch.log_softmax(student_logits.float() / temperature, -1)
+    log_t = torch.log_softmax(teacher_logits.float() / temperature, -1)
+    per_position = torch.nn.functional.kl_div(log_s, log_t, reduction="none", log_target=True).sum(-1) * temperature**2
+    scored = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1) != -100  # HF's shift
+    return per_position[scored].sum(), int(scored.sum())
+
+
+def test_distillation_trainer_loss_is_the_formula_on_one_batch(tmp_path):
+    _, prepared, teacher, trainer = distillation_setup(tmp_path, kd_weight=0.3, temperature=2.0)
+    batch = padded_batch()
+    with torch.no_grad():
+        student_logits = prepared(input_ids=batch["input_ids"]).logits
+        teacher_logits = teacher(input_ids=batch["input_ids"]).logits
+        ce_mean = prepared(**batch).loss  # transformers' own causal-LM loss
+        kd_sum, n = kd_formula(student_logits, teacher_logits, batch["labels"], 2.0)
+        # 7 scored positions per row (the last predicts nothing); in row 1 positions 0 and 1
+        # predict the unscored labels 1 and 2 (label 0 is never predicted)
+        assert n == 2 * 7 - 2
+        assert kd_sum > 0
+
+        # Per-batch mean (no num_items_in_batch, as in evaluation): 0.7 ce + 0.3 x mean KD.
+        loss = trainer.compute_loss(prepared, dict(batch))
+        expected = 0.7 * ce_mean + 0.3 * (kd_sum / n)
+        # The same float32 terms, except the KD mean: a sum of 12 per-position values here,
+        # their mean inside the loss (two orders: <= 11 eps32 relative) and the final combination
+        # (<= 3 more roundings): 16 eps32 of the loss (measured: equal, and 0.5 eps32 with num_items_in_batch).
+        assert abs(loss - expected) <= 16 * EPS32 * expected
+
+        # With num_items_in_batch (Trainer's count over the accumulated batch, here as if a second
+        # micro-batch had 9 more scored tokens): both terms are sums over this batch / that count.
+        total = torch.tensor(n + 9)
+        loss = trainer.compute_loss(prepared, dict(batch), num_items_in_batch=total)
+        ce_sum = prepared(**batch, num_items_in_batch=total).loss * total
+        expected = (0.7 * ce_sum + 0.3 * kd_sum) / total
+        assert abs(loss - expected) <= 16 * EPS32 * expected
+
+        # the -100 labels matter: with every label scored the loss is another
+        unmasked = {"input_ids": batch["input_ids"], "labels": batch["input_ids"]}
+        assert trainer.compute_loss(prepared, unmasked) != trainer.compute_loss(prepared, dict(batch))
+
+
+def test_distillation_trainer_trains_the_student_and_leaves_the_teacher(tmp_path):
+    model, prepared, teacher, trainer = distillation_setup(
+        tmp_path, kd_weight=0.5, temperature=1.0, args=dict(gradient_accumulation_steps=2, save_steps=100),
+        callbacks=[QATCallback(fake_quant_after_n_steps=1, convert_at_end=False)],
+    )
+    ids = tokens(5, (3, 11))
+    with torch.no_grad():
+        start = teacher(input_ids=ids).logits
+    before = {name: p.detach().clone() for name, p in prepared.named_parameters()}
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 4 and all(math.isfinite(loss) for loss in losses)
+    assert all(not torch.equal(p, before[name]) for name, p in prepared.named_parameters())  # full QAT: every weight trains
+    with torch.no_grad():
+        assert torch.equal(teacher(input_ids=ids).logits, start)  # its own copies: the same computation as before
+        assert not torch.equal(model(input_ids=ids).logits, start)  # the float model's tensors did train
+    assert qatfx.distillation.teacher_memory(teacher).copied_bytes == sum(p.numel() * 4 for p in model.parameters())
+
+
+def test_distillation_trainer_refuses_misuse(tmp_path):
+    data = RandomTokens()
+    model = tiny_llama()
+    prepared = prepare_for_trainer(model, QUANTIZER, data.ids[:2])
+    args = training_args(tmp_path)
+    with pytest.raises(ValueError, match="shares the storage of .* tensors the student trains"):
+        DistillationTrainer(model=prepared, args=args, train_dataset=data, teacher=model)  # the float model itself
+    teacher = qatfx.frozen_teacher(model, student=prepared)
+    with pytest.raises(ValueError, match=r"kd_weight must be in \[0, 1\]"):
+        DistillationTrainer(model=prepared, args=args, train_dataset=data, teacher=teacher, kd_weight=2.0)
+    with pytest.raises(ValueError, match="drop compute_loss_func"):
+        DistillationTrainer(model=prepared, args=args, train_dataset=data, teacher=teacher, compute_loss_func=lambda *a, **k: 0)
+    trainer = DistillationTrainer(model=prepared, args=args, train_dataset=data, teacher=teacher)
+    with pytest.raises(ValueError, match="needs labels in each batch"):
+        trainer.compute_loss(prepared, {"input_ids": data.ids[:2]})
