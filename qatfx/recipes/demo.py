@@ -57,6 +57,10 @@ class Scheme:
     distill: bool = False  # QAT+KD: distilled from the starting float model (Preset.kd_weight, temperature)
     learnable: bool = False  # QAT+LSQ: learned scales (Preset.scale_lr)
 
+    def quantizer_key(self) -> tuple:
+        """Every field quantizer() reads: equal keys, equal quantizers."""
+        return (self.bits, self.group_size, self.make, self.learnable)
+
     def quantizer(self) -> qatfx.Quantizer:
         if self.make is not None:
             return self.make()
@@ -77,7 +81,7 @@ class Scheme:
         lora = self.lora()
         if lora is None:
             return Control(lr=self.lr(preset))
-        return Control(lr=self.lr(preset), lora=_float_lora(lora), quantizer_key=(self.bits, self.group_size, self.make))
+        return Control(lr=self.lr(preset), lora=_float_lora(lora), quantizer_key=self.quantizer_key())
 
 
 def _float_lora(lora: qatfx.LoRA) -> qatfx.LoRA:

@@ -4,6 +4,7 @@ fake-quant off), and the perplexity plot's row labels. Tiny preset, on the proje
 
 import copy
 import itertools
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -59,6 +60,9 @@ def test_both_lora_rows_share_one_lora_control_and_full_qat_rows_the_float_one()
     # with fake-quant off the two modes compute the same float function: one control
     assert lora == torchtune and lora.lora.mode == "merge_consistent" and lora.lr == preset.lora_lr
     assert int4 == SCHEMES["int3 per-channel"].control(preset) and int4.lora is None and int4 != lora
+    # a LoRA control is a graph prepared with the row's quantizer: another quantizer, another control
+    for other in (replace(SCHEMES[LORA], bits=3, group_size=None), replace(SCHEMES[LORA], learnable=True)):
+        assert other.control(preset) != lora and other.control(preset).lora == lora.lora
 
 
 def test_lora_control_trains_the_adapters_alone_with_fake_quant_off(setup, lora_control):
@@ -89,24 +93,24 @@ def test_lora_control_ptq_is_the_merged_control_converted(setup, lora_control):
         assert torch.equal(converted(setup.example), quantized_control.eval()(setup.example))
 
 
-def test_lora_rows_report_their_own_control_and_recover_against_it(docs_text, cache_dir, lora_control):
-    result = run_demo("tiny", 1, docs_text, cache_dir, rows=("int4 g32", LORA, LORA_TORCHTUNE))
+def test_lora_rows_report_their_own_control_and_recover_against_it(setup, docs_text, cache_dir, lora_control):
+    result = run_demo("tiny", 1, docs_text, cache_dir, rows=(LORA, LORA_TORCHTUNE))
     rows = {row.scheme: row for row in result.rows}
+    merged_ptq = setup.perplexity(ptq(setup, SCHEMES[LORA], lora_control), desc="eval PTQ")
     for name in (LORA, LORA_TORCHTUNE):
-        assert rows[name].control_ppl == [lora_control.ppl] != rows["int4 g32"].control_ppl
-        assert rows[name].ptq_ppl == rows[LORA].ptq_ppl != rows["int4 g32"].ptq_ppl
+        # the control train_control trains (adapters only, fake-quant off) and its merged PTQ
+        assert rows[name].control_ppl == [lora_control.ppl] and rows[name].ptq_ppl == [merged_ptq]
         assert rows[name].control.startswith("LoRA adapters (rank 8, alpha 16, lr 0.003) trained in float")
-    assert rows["int4 g32"].control == "float model fine-tuned"
-    # the shared LoRA control trained once: one curve beside the float control's
-    assert [label for label in result.curves if label.startswith("float control")] == [
-        "float control (seed 0)", "float control, LoRA r=8 (seed 0)"]
+    # the shared LoRA control trained once, and no full fine-tuning control at all
+    assert [label for label in result.curves if label.startswith("float control")] == ["float control, LoRA r=8 (seed 0)"]
     report = markdown_report(result)
     assert f"float control of {LORA}, {LORA_TORCHTUNE}: LoRA adapters" in report
     # the table's "QAT recovers" is (PTQ - QAT) / (PTQ - control) of the LoRA control's numbers
     row = rows[LORA]
-    share = (row.ptq_ppl[0] - row.qat_ppl[0]) / (row.ptq_ppl[0] - lora_control.ppl)
-    cell = "n/a (PTQ lost nothing)" if row.ptq_ppl[0] <= lora_control.ppl else f"{100 * share:.0f}% (1 seed"
-    assert f"| {LORA} | {lora_control.ppl:.4f} | {row.ptq_ppl[0]:.4f} " in report and cell in report
+    ptq_ppl, qat_ppl = row.ptq_ppl[0], row.qat_ppl[0]
+    share = (ptq_ppl - qat_ppl) / (ptq_ppl - lora_control.ppl)
+    cell = "n/a (PTQ lost nothing)" if ptq_ppl <= lora_control.ppl else f"{100 * share:.0f}% (1 seed"
+    assert f"| {LORA} | {lora_control.ppl:.4f} | {ptq_ppl:.4f} " in report and cell in report
 
 
 def _label_boxes(names: list[str]) -> tuple[list, object]:
