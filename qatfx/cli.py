@@ -150,6 +150,10 @@ def _parser() -> argparse.ArgumentParser:
                           "distillation (the float control keeps cross-entropy); docs/distillation.md")
     finetune.add_argument("--kd-weight", type=float, default=None, metavar="W",
                           help="--distill: the distillation term's weight W in [0, 1] (default 0.5; 1: distillation only)")
+    finetune.add_argument("--learnable-scales", action="store_true",
+                          help="QAT trains its weight scales (LSQ), stored as trained; docs/learnable_scales.md")
+    finetune.add_argument("--scale-lr", type=float, default=None, metavar="LR",
+                          help="--learnable-scales: the scales' peak learning rate (default: --lr)")
     finetune.add_argument("--temperature", type=float, default=None, metavar="T",
                           help="--distill: softmax temperature T > 0 of both distributions (default 1.0)")
     finetune.add_argument("--eager", action="store_true", help="train without torch.compile (debugging, tiny models)")
@@ -342,6 +346,7 @@ def _run(args: argparse.Namespace) -> int:
             lr=args.lr, fake_quant_after=args.fake_quant_after, batch_size=args.batch_size, seq_len=args.seq_len,
             compile=not args.eager, lora_rank=args.lora_rank,
             distill=args.distill, kd_weight=args.kd_weight, temperature=args.temperature,
+            learnable_scales=args.learnable_scales, scale_lr=args.scale_lr,
             **{name: value for name, value in _lora_options(args).items() if value is not None},
         )
         report = finetune(options)

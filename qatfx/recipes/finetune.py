@@ -207,6 +207,9 @@ class FinetuneOptions:
     distill: bool = False
     kd_weight: Optional[float] = None  # default DEFAULT_KD_WEIGHT
     temperature: Optional[float] = None  # default 1.0
+    # QAT trains its weight scales (docs/learnable_scales.md); the control's PTQ keeps the rule's
+    learnable_scales: bool = False
+    scale_lr: Optional[float] = None  # default: --lr
 
     def quantizer(self) -> qatfx.Quantizer:
         if self.preset is None:
@@ -239,6 +242,12 @@ class FinetuneOptions:
             )
         self.lora()  # qatfx.LoRA checks rank, alpha and mode before any model is loaded
         self.check_distillation()
+        if self.scale_lr is not None and not self.learnable_scales:
+            raise ValueError("--scale-lr sets the learned scales' learning rate; add --learnable-scales to train them")
+        if self.scale_lr is not None and not (math.isfinite(self.scale_lr) and self.scale_lr > 0):
+            raise ValueError(f"--scale-lr {self.scale_lr} must be > 0")
+        if self.learnable_scales and self.lora_rank is not None and self.lora_mode == "torchtune":
+            raise ValueError("--learnable-scales with LoRA needs --lora-mode merge_consistent (torchtune mode caches fq(W))")
 
     def check_distillation(self) -> None:
         given = [flag for flag, value in (("--kd-weight", self.kd_weight), ("--temperature", self.temperature)) if value is not None]
@@ -286,7 +295,7 @@ def finetune(options: FinetuneOptions) -> dict:
     example = train_tokens[: 2 * 16].view(2, 16)
     seq = options.seq_len
     config = TrainConfig(steps=options.steps, batch_size=options.batch_size, seq_len=seq, lr=options.lr,
-                         warmup_steps=min(10, options.steps // 5), seed=options.seed)
+                         warmup_steps=min(10, options.steps // 5), seed=options.seed, scale_lr=options.scale_lr)
 
     model = loaded.module
     lora = options.lora()
@@ -294,8 +303,13 @@ def finetune(options: FinetuneOptions) -> dict:
     # Exported in eval mode (docs/models.md: no attention dropout in GPT-2's graph; residual
     # dropout still follows .train()). Control and QAT train this one graph, so they differ
     # only in fake-quant (with LoRA: both train adapters on the same frozen base).
+    adapters_rng = torch.get_rng_state()  # LoRA's adapters start alike in control and QAT
     control = qatfx.prepare_pt2e(model.eval(), quantizer, (example,), lora=lora)  # trains `model`'s parameters in place
-    qat = copy.deepcopy(control)  # its own parameters, from the same starting weights
+    if options.learnable_scales:  # the same graph plus trained scales, on a copy of the starting weights
+        torch.set_rng_state(adapters_rng)
+        qat = qatfx.prepare_pt2e(copy.deepcopy(model), quantizer.with_learnable_scales(), (example,), lora=lora)
+    else:
+        qat = copy.deepcopy(control)  # its own parameters, from the same starting weights
     # The float model before fine-tuning, frozen; built before either run trains: it copies
     # what the control trains in place (every weight in full QAT, nothing with LoRA)
     distill = options.distillation(_teacher(model, (control, qat), options.model)) if options.distill else None

@@ -189,9 +189,24 @@ def test_finetune_with_distillation_and_lora_shares_every_weight(tmp_path, text_
     check_output(tmp_path, text_file, report, out, capsys, distilled=True)
 
 
+@pytest.mark.long  # ~40 s on 2 cores; the learned scales themselves: tests/test_learnable_scales.py
+def test_finetune_with_learnable_scales_and_distillation_builtin_charlm(tmp_path, text_file, capsys):
+    """--learnable-scales: QAT trains its scales and the saved model stores them (its specs say
+    so; converted == fake-quant still holds); the control and its PTQ keep the rule's."""
+    text_file.write_text(text_file.read_text()[:20_000])
+    report, out = finetune_and_eval(tmp_path, text_file, "builtin:charlm", "--learnable-scales", "--scale-lr", "1e-4", "--distill")
+    assert {r.weight_spec.learnable for r in qatfx.load(out).qatfx_layers if r.quantized} == {True}
+    assert report["options"]["learnable_scales"] == "True" and report["options"]["scale_lr"] == "0.0001"
+    params, buffers = float_bytes(text_file)
+    check_distillation(report, out, 0.5, 1.0, copied=params, shared=buffers)  # the control trains `model` in place
+    check_output(tmp_path, text_file, report, out, capsys, distilled=True)
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
+        (["--scale-lr", "1e-4"], "add --learnable-scales"),
+        (["--learnable-scales", "--scale-lr", "0"], "--scale-lr 0.0 must be > 0"),
         (["--kd-weight", "0.5"], "--kd-weight configure distillation; add --distill"),
         (["--temperature", "2", "--kd-weight", "0.5"], "--kd-weight / --temperature configure distillation; add --distill"),
         (["--distill", "--kd-weight", "1.5"], "--kd-weight 1.5 must be in [0, 1]"),
