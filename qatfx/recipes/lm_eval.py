@@ -269,7 +269,7 @@ class QATFXLM(TemplateLM):
             if options.get("do_sample") or float(options.get("temperature", 0.0) or 0.0) > 0.0:
                 raise ValueError("QATFXLM decodes greedily only; the task asked for sampling (do_sample / temperature > 0)")
             until = options.get("until") or []
-            until = [until] if isinstance(until, str) else list(until)
+            until = [stop for stop in ([until] if isinstance(until, str) else until) if stop]
             max_new = int(options.get("max_gen_toks", DEFAULT_MAX_GEN_TOKENS))
             ids = self.tok_encode(context) if context else [self.prefix_token_id]
             generated: list[int] = []

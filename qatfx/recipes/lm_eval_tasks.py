@@ -35,7 +35,7 @@ LOCAL_TASKS = (f"{DEFAULT_NAME}_ppl", f"{DEFAULT_NAME}_choice")  # what `qatfx e
 @dataclass(frozen=True)
 class HeldoutOptions:
     doc_chars: int = 2000  # a perplexity document: whole paragraphs up to at least this many characters
-    context_chars: int = 96  # a choice item's passage (cut at a space); 96 + 32 fits a 128-token char window
+    context_chars: int = 80  # a choice item's passage (cut at a space); with its choice it fits a 128-token char window
     choice_chars: int = 32  # each continuation: this many characters, then to the end of the word
     choices: int = 4  # the real continuation and choices - 1 distractors
     seed: int = 0
