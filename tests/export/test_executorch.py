@@ -320,3 +320,22 @@ def test_missing_executorch_names_the_extra(monkeypatch, tied_toy):
     monkeypatch.setattr(builtins, "__import__", no_executorch)
     with pytest.raises(qatfx.export.ExportError, match=r"pip install -e \"\.\[executorch\]\""):
         qatfx.export.executorch(tied_toy[0], "unused.pte")
+
+
+@pytest.mark.long  # ~1 min on 2 cores: one more XNNPACK lowering
+def test_learned_scales_are_the_pte_grid(tmp_path):
+    """learnable_scales with bfloat16 scales: the `.pte` is lowered with the trained scales
+    (as the forward rounded them) and runs as the converted model does."""
+    torch.manual_seed(0)
+    quantizer = qatfx.Int8DynActInt4WeightQuantizer(GROUP, scales_precision=torch.bfloat16, learnable_scales=True)
+    prepared = qatfx.prepare_pt2e(TinyLM(tie=True).train(), quantizer, (tokens(),))
+    qat_steps(prepared, 96, steps=3)
+    trained = qatfx.learned_qparams(prepared)["blocks.0.q_proj.weight_learned_scale"].detach()
+    converted = qatfx.convert_pt2e(prepared.eval())
+    rewritten, _, _ = rewritten_copy(converted)
+    lowered = get_attr_value(rewritten, "blocks.0.q_proj.weight_scales_fp32")
+    assert torch.equal(lowered, trained.to(torch.bfloat16).float())
+    report = qatfx.export.executorch(converted, tmp_path / "learned.pte")
+    assert report.delegated == report.quantized_layers == 15
+    ids = tokens(2, 8, 96, 3)
+    assert_same_logits_and_tokens(run_pte(report.path, ids), converted(ids))
