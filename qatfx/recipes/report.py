@@ -94,8 +94,7 @@ def markdown_report(result: DemoResult) -> str:
         "",
         markdown_table(result),
         "",
-        *_control_lines(result),
-        *_lora_lines(result),
+        *_notes(result),
         *_deploy_lines(result.deploy),
         *_deploy_lines(result.preset_deploy),
         *_file_export_lines(result.file_exports),
@@ -112,18 +111,23 @@ def _preset_lines(result: DemoResult) -> list:
     return [f"- {row.scheme}: {notes[row.scheme]}" for row in result.rows if row.scheme in notes]
 
 
+def _notes(result: DemoResult) -> list:
+    """The bullets under the table: other controls, then what the LoRA rows trained."""
+    notes = [*_control_lines(result), *_lora_lines(result)]
+    return [*notes, ""] if notes else []
+
+
 def _control_lines(result: DemoResult) -> list:
     """The rows whose float control (and so PTQ) is not the fully fine-tuned float model's."""
     groups: dict[str, list[str]] = {}
     for row in result.rows:
         if row.control and row.control != FLOAT_CONTROL:
             groups.setdefault(row.control, []).append(row.scheme)
-    lines = [
+    return [
         f"- float control of {', '.join(names)}: {control} (fake-quant off, same steps and seed as QAT); its PTQ is "
         "that control merged (qatfx.merge_lora) and converted, so \"QAT recovers\" compares like with like"
         for control, names in groups.items()
     ]
-    return [*lines, ""] if lines else []
 
 
 def _contract_line(result: DemoResult) -> str:
@@ -149,7 +153,7 @@ def _lora_lines(result: DemoResult) -> list:
             out.append(f"- {row.scheme}: {share}; trained fq(W) x_q + sBA x (perplexity {_fmt(row.qat_fake_quant_ppl)}), "
                        f"deploys fq(W + sBA) x_q after merging ({_fmt(row.qat_ppl)}): the merge gap costs "
                        f"{_pct(deployed, trained)} (merge_consistent mode has none)")
-    return [*out, ""] if out else []
+    return out
 
 
 def _deploy_lines(deploy) -> list:
