@@ -38,7 +38,7 @@ try:
     import lm_eval.models  # noqa: F401  (its lazy table first: lm-eval fills it only into an empty registry)
     from lm_eval.api.model import TemplateLM
     from lm_eval.api.registry import register_model
-except ImportError as error:  # pragma: no cover - exercised by a test that hides lm_eval
+except ImportError as error:  # tests/recipes/test_lm_eval.py hides lm_eval to check this message
     raise ImportError(
         f"qatfx eval --tasks runs EleutherAI's lm-evaluation-harness, which is not installed ({error}); "
         "install it with: pip install 'qatfx[eval]'"

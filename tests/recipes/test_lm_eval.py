@@ -404,8 +404,23 @@ def _bare_hf_dir(tmp: Path) -> Path:
     return tmp / "llama"
 
 
-def test_without_lm_eval_the_error_names_the_extra(monkeypatch):
+def test_without_lm_eval_the_error_names_the_extra(monkeypatch, corpus, capsys):
+    import qatfx.recipes
+    from qatfx.cli import main
+
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # what a missing package looks like to import
     monkeypatch.delitem(sys.modules, "qatfx.recipes.lm_eval")
+    monkeypatch.delattr(qatfx.recipes, "lm_eval")
     with pytest.raises(ImportError, match=r"pip install 'qatfx\[eval\]'"):
         importlib.import_module("qatfx.recipes.lm_eval")
+    with pytest.raises(SystemExit) as raised:
+        main(["eval", "--model", "builtin:charlm", "--tasks", PPL, "--text", str(corpus)])
+    assert raised.value.code == 2 and "install it with: pip install 'qatfx[eval]'" in capsys.readouterr().err
+
+
+def test_qatfx_imports_without_lm_eval():
+    """The CLI, finetune and the task writer never import lm-eval: qatfx works without the extra."""
+    import subprocess
+
+    code = "import sys, qatfx, qatfx.cli, qatfx.recipes.finetune, qatfx.recipes.lm_eval_tasks; assert 'lm_eval' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
