@@ -30,6 +30,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from qatfx.recipes.corpus import CharTokenizer
 from qatfx.recipes.finetune import BUILTIN_MODELS, MANIFEST, SIDECAR, Tokenizer, is_finetune_output
@@ -216,7 +217,7 @@ class QATFXLM(TemplateLM):
         if truncated:
             log.info("qatfx lm-eval: %d of %d requests were longer than max_length %d + 1; their contexts were cut from the left",
                      truncated, len(requests), self._max_length)
-        for indices in self._batches(inputs):
+        for indices in tqdm(self._batches(inputs), desc="qatfx lm-eval batches", disable=disable_tqdm, leave=False, dynamic_ncols=True):
             logprobs = F.log_softmax(self.logits(torch.tensor([inputs[i] for i in indices])).float(), dim=-1)
             for row, i in enumerate(indices):
                 key, _, continuation = requests[i]
@@ -251,7 +252,7 @@ class QATFXLM(TemplateLM):
                 windows.append((None, context, continuation))
                 owners.append(n)
         totals = [0.0] * len(requests)
-        for owner, (score, _) in zip(owners, self._loglikelihood_tokens(windows)):
+        for owner, (score, _) in zip(owners, self._loglikelihood_tokens(windows, disable_tqdm=disable_tqdm)):
             totals[owner] += score  # windows in order, as a reader sums them
         for request, total in zip(requests, totals):
             self.cache_hook.add_partial("loglikelihood_rolling", request.args, total)
