@@ -326,3 +326,16 @@ def test_distillation_trainer_refuses_misuse(tmp_path):
     trainer = DistillationTrainer(model=prepared, args=args, train_dataset=data, teacher=teacher)
     with pytest.raises(ValueError, match="needs labels in each batch"):
         trainer.compute_loss(prepared, {"input_ids": data.ids[:2]})
+
+
+def test_the_documented_distillation_snippet_runs(tmp_path, monkeypatch):
+    doc = Path(__file__).resolve().parents[2] / "docs" / "integrations_transformers.md"
+    snippet = next(s for s in re.findall(r"```python\n(.*?)```", doc.read_text(), re.S) if "DistillationTrainer(" in s)
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(snippet, str(doc), "exec"), namespace)
+    memory = qatfx.distillation.teacher_memory(namespace["teacher"])
+    assert memory.copied_bytes == sum(p.numel() * 4 for p in namespace["float_model"].parameters())
+    assert namespace["trainer"].state.global_step == 4
+    assert math.isfinite(namespace["trainer"].state.log_history[-1]["train_loss"])
+    assert (tmp_path / "kd_out" / "qatfx" / "program.pt2").exists()  # QATCallback converted and saved it
