@@ -19,23 +19,28 @@ CANDIDATES = [  # (variant, overrides of the preset's kd_weight / temperature / 
     ("", {}),
     (" QAT+KD", {"kd_weight": 0.5, "temperature": 1.0}),
     (" QAT+KD", {"kd_weight": 1.0, "temperature": 1.0}),
-    (" QAT+KD", {"kd_weight": 1.0, "temperature": 2.0}),
     (" QAT+LSQ", {"scale_lr": 1e-5}),
     (" QAT+LSQ", {"scale_lr": 1e-4}),
     (" QAT+LSQ", {"scale_lr": 1e-3}),
 ]
 
 
+def _selected(only: str) -> list:
+    """--only 0,3: the candidates by index (a run cut short, continued)."""
+    return CANDIDATES if not only else [CANDIDATES[int(i)] for i in only.split(",")]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="default", choices=tuple(PRESETS))
     parser.add_argument("--row", default="int3 per-channel")
+    parser.add_argument("--only", default="", help="comma-separated candidate indices (default: all)")
     args = parser.parse_args()
     setup = demo_setup(PRESETS[args.preset], None, default_cache_dir())
     finetune = finetune_config(setup.preset, seed=0)
     seq = setup.preset.pretrain.seq_len
     print(f"| row | hyperparameters | validation perplexity | seconds |\n|---|---|---|---|")
-    for variant, hyper in CANDIDATES:
+    for variant, hyper in _selected(args.only):
         scheme = SCHEMES[args.row + variant]
         started = time.perf_counter()
         prepared = prepare_row(setup, scheme, finetune.seed)
