@@ -328,6 +328,7 @@ def test_distillation_trainer_refuses_misuse(tmp_path):
         trainer.compute_loss(prepared, {"input_ids": data.ids[:2]})
 
 
+@pytest.mark.long  # ~15 s on 2 cores; DistillationTrainer itself: the tests above
 def test_the_documented_distillation_snippet_runs(tmp_path, monkeypatch):
     doc = Path(__file__).resolve().parents[2] / "docs" / "integrations_transformers.md"
     snippet = next(s for s in re.findall(r"```python\n(.*?)```", doc.read_text(), re.S) if "DistillationTrainer(" in s)

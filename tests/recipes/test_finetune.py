@@ -131,6 +131,7 @@ def test_finetune_then_eval_llama_with_its_tokenizer(tmp_path, text_file, capsys
     check_output(tmp_path, text_file, report, out, capsys)
 
 
+@pytest.mark.long  # ~45 s on 2 cores; finetune + eval end to end stay in the default run for GPT-2 and Llama
 def test_finetune_then_eval_builtin_charlm(tmp_path, text_file, capsys):
     text_file.write_text(text_file.read_text()[:20_000])  # its 4-layer, 128-wide model evaluates slowly
     report, out = finetune_and_eval(tmp_path, text_file, "builtin:charlm", "--scales-precision", "bfloat16")
@@ -169,6 +170,7 @@ def check_distillation(report: dict, out: Path, kd_weight: float, temperature: f
             f"{shared:,} shared with the model)") in md
 
 
+@pytest.mark.long  # ~50 s on 2 cores; distillation's loss, teacher and train(): tests/test_distillation.py, recipes/test_train.py
 def test_finetune_with_distillation_builtin_charlm(tmp_path, text_file, capsys):
     """--distill: QAT trains on 0.3 ce + 0.7 KD from the starting float model; the control
     trains `model`'s tensors in place, so the teacher holds a copy of every parameter."""
