@@ -58,11 +58,20 @@ def _chosen_from(value: str, known, choose: str) -> tuple:
     return names
 
 
-def _lm_eval_tasks(value: str) -> tuple:
-    tasks = _comma_separated(value)
-    if not tasks:
-        raise argparse.ArgumentTypeError(f"{value!r}: give comma-separated lm-eval task names, e.g. qatfx_heldout_ppl,hellaswag")
-    return tasks
+def _names(what: str, example: str):
+    """An argparse type: a non-empty comma-separated list of `what`."""
+
+    def parse(value: str) -> tuple:
+        names = _comma_separated(value)
+        if not names:
+            raise argparse.ArgumentTypeError(f"{value!r}: give comma-separated {what}, e.g. {example}")
+        return names
+
+    return parse
+
+
+_lm_eval_tasks = _names("lm-eval task names", "qatfx_heldout_ppl,hellaswag")
+_patterns = _names("layer name patterns", "'*.q_proj,*.v_proj'")
 
 
 def _limit(value: str) -> float:
@@ -70,13 +79,6 @@ def _limit(value: str) -> float:
     if not number > 0 or (number >= 1 and not number.is_integer()):
         raise argparse.ArgumentTypeError(f"must be a whole number of documents >= 1 or a fraction in (0, 1), got {value}")
     return int(number) if number >= 1 else number
-
-
-def _patterns(value: str) -> tuple:
-    patterns = _comma_separated(value)
-    if not patterns:
-        raise argparse.ArgumentTypeError(f"{value!r}: give comma-separated layer name patterns, e.g. '*.q_proj,*.v_proj'")
-    return patterns
 
 
 def _rows(value: str) -> tuple:
